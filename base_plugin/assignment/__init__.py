@@ -1,0 +1,18 @@
+"""Balanced assignment of tokens to experts: exact (training) and greedy (inference).
+
+    balanced_assignment(scores[N, E], capacity=None) -> LongTensor[N]
+    solve_balanced_assignment(...) -> AssignmentResult (prices, objective, dual bound / certificate)
+    greedy_assignment(scores[N, E]) -> LongTensor[N]
+"""
+from .exact import AssignmentError, AssignmentResult, balanced_assignment, solve_balanced_assignment
+from .greedy import greedy_assignment
+from .inputs import default_capacity
+
+__all__ = [
+    "AssignmentError",
+    "AssignmentResult",
+    "balanced_assignment",
+    "default_capacity",
+    "greedy_assignment",
+    "solve_balanced_assignment",
+]
