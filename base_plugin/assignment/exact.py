@@ -1,8 +1,36 @@
-"""Exact balanced assignment (v0: argmax start + successive shortest paths on the expert graph)."""
+"""Exact balanced assignment of tokens to experts (a transportation problem with E sinks).
+
+    maximise  sum_t scores[t, a[t]]   subject to   #{t : a[t] = e} = capacity[e]  for every expert e.
+
+The LP relaxation is integral, and its dual has only E variables, the expert prices p:
+
+    D(p) = sum_t max_e (scores[t, e] - p[e]) + sum_e capacity[e] * p[e]  >=  optimum.
+
+An assignment in which every token sits at a best expert of ``scores[t] - p`` and every expert holds
+exactly its capacity is optimal, with D(p) equal to its objective (complementary slackness). The solver
+works in that dual:
+
+1. *Price search* (a few damped Newton steps over the whole matrix): prices are moved so that the
+   argmax counts approach the capacities. The Jacobian of the counts is the Laplacian of the
+   "boundary" graph: tokens whose best and second-best experts (a, b) are close tie a to b.
+2. *Working set*: only tokens whose margin (best minus second-best) is small can change expert from
+   here on; the rest are fixed at their argmax and their counts subtracted from the capacities.
+3. *Exact repair* on the working set, starting from its argmax assignment (optimal for the counts it
+   has): primal-dual phases of successive shortest paths on the E-node expert graph, where moving a
+   token t from expert e to f costs (r[t,e] - r[t,f]) with r = scores - p. Each phase computes
+   shortest-path prices (Bellman-Ford, vectorised over E x E) and moves one token along every tree
+   path it can from an over-full to an under-full expert. Every move keeps every token at a best
+   expert, so the final assignment is exactly optimal.
+4. The fixed tokens stay optimal if the prices moved by less than their margins; this is checked and
+   the working set is enlarged otherwise.
+
+The answer is certified by :attr:`AssignmentResult.gap` = D(p) - objective (zero up to round-off).
+All work is done with torch tensor operations on the input's device (CPU or CUDA, same code).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -10,87 +38,244 @@ from .inputs import CapacityLike, check_scores, finite_scores, resolve_capacity
 
 
 class AssignmentError(RuntimeError):
-    """The solver hit its iteration bound (never expected; reported instead of looping forever)."""
+    """The solver hit an iteration bound. Never expected; raised instead of looping forever."""
 
 
 @dataclass
 class AssignmentResult:
     """What :func:`solve_balanced_assignment` found.
 
-    experts:    LongTensor[N], the expert of each token; expert e holds exactly capacity[e] tokens.
-    prices:     Tensor[E], dual prices p of the experts (working dtype).
-    capacity:   LongTensor[E].
-    objective:  0-d tensor, sum_t scores[t, experts[t]] (after the non-finite rule).
-    dual_bound: 0-d tensor, D(p) = sum_t max_e(scores[t, e] - p[e]) + sum_e capacity[e] * p[e] >= optimum.
+    experts:  LongTensor[N], the expert of each token; expert e holds exactly ``capacity[e]`` tokens.
+    prices:   Tensor[E] (float32, or float64 for float64 scores), dual prices certifying optimality.
+    capacity: LongTensor[E].
+    scores:   the scores the problem was solved on (after the non-finite rule), in the working dtype.
     """
 
     experts: torch.Tensor
     prices: torch.Tensor
     capacity: torch.Tensor
-    objective: torch.Tensor
-    dual_bound: torch.Tensor
+    scores: torch.Tensor
+
+    @property
+    def objective(self) -> torch.Tensor:
+        """0-d tensor: sum_t scores[t, experts[t]]."""
+        return self.scores.gather(1, self.experts[:, None]).sum()
+
+    @property
+    def dual_bound(self) -> torch.Tensor:
+        """0-d tensor: D(prices) >= the optimum of the problem."""
+        if self.scores.shape[0] == 0:
+            return (self.capacity.to(self.prices.dtype) * self.prices).sum()
+        best = (self.scores - self.prices).amax(1)
+        return best.sum() + (self.capacity.to(self.prices.dtype) * self.prices).sum()
 
     @property
     def gap(self) -> torch.Tensor:
-        """Certificate: dual_bound - objective >= 0; zero up to float round-off when optimal."""
+        """Certificate: dual_bound - objective. Zero up to float round-off for an optimal answer;
+        an upper bound on how far ``objective`` can be below the optimum in any case."""
         return self.dual_bound - self.objective
 
 
+# Tuning constants, chosen by measurement (benchmarks/assignment.py).
+_NEWTON_STEPS = 6            # at most this many price-search steps over the whole matrix
+_NEWTON_PROGRESS = 0.75      # ... continued while each step cuts the over-full count below this ratio
+_BOUNDARY_PER_EXPERT = 8     # Jacobian: the tokens of smallest margin, at least this many per expert
+_BOUNDARY_PER_UNIT = 8       # ... and this many per over-full unit
+_DAMPING = 0.3               # Levenberg-Marquardt damping of the Jacobian's diagonal
+_WORKING_PER_UNIT = 16       # working set: this many tokens per over-full unit ...
+_WORKING_PER_EXPERT = 4      # ... and at least this many per expert
+_MAX_ROUNDS = 6              # working-set enlargements before solving on all tokens
+
+
 def solve_balanced_assignment(scores: torch.Tensor, capacity: CapacityLike = None) -> AssignmentResult:
+    """Solve the balanced assignment exactly and return the assignment with its dual certificate.
+
+    scores:   Tensor[N, E] of any real dtype, on any device. float64 is solved in float64, everything
+              else in float32. Non-finite values follow the rule of :mod:`base_plugin.assignment.inputs`.
+    capacity: LongTensor[E] / sequence of E non-negative ints summing to N, or None for
+              ``default_capacity(N, E)`` (N // E each, the first N % E experts one more).
+
+    Raises ValueError for a bad shape or capacity; deterministic for a given input.
+    """
     check_scores(scores)
     n, e = scores.shape
     cap = resolve_capacity(capacity, n, e, scores.device)
     s = finite_scores(scores)
-    st = s.t().contiguous()
     if n == 0 or e == 1:
         a = torch.zeros(n, dtype=torch.long, device=s.device)
         p = torch.zeros(e, dtype=s.dtype, device=s.device)
     else:
-        p = torch.zeros(e, dtype=s.dtype, device=s.device)
-        a = (st - p[:, None]).argmax(0)
-        a, p = _repair(st, cap, a, p)
-    objective = s.gather(1, a[:, None]).sum()
-    dual = (st - p[:, None]).amax(0).sum() + (cap.to(s.dtype) * p).sum()
-    return AssignmentResult(a, p, cap, objective, dual)
+        scale = s.abs().amax()
+        if not bool((scale > 1e-20) & (scale < 1e20)):
+            scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+            a, p = _solve((s / scale).t().contiguous(), cap)
+            p = p * scale
+        else:
+            a, p = _solve(s.t().contiguous(), cap)
+    return AssignmentResult(a, p, cap, s)
 
 
 def balanced_assignment(scores: torch.Tensor, capacity: CapacityLike = None) -> torch.Tensor:
-    """``LongTensor[N]``: the expert of each token maximising ``sum_t scores[t, a[t]]`` subject to
-    expert e receiving exactly ``capacity[e]`` tokens (default: as equal as possible)."""
+    """``LongTensor[N]``: the expert of each token of ``scores[N, E]`` maximising
+    ``sum_t scores[t, a[t]]`` with expert e receiving exactly ``capacity[e]`` tokens (default: as equal
+    as possible). Exact; see :func:`solve_balanced_assignment` for the certificate and the rules."""
     return solve_balanced_assignment(scores, capacity).experts
 
 
-def _repair(st, cap, a, p):
-    e_count, n = st.shape
-    inf = torch.tensor(float("inf"), dtype=st.dtype, device=st.device)
-    for _ in range(n + 1):
-        counts = torch.bincount(a, minlength=e_count)
-        excess = counts > cap
-        if not bool(excess.any()):
+# ----------------------------------------------------------------------------------------------------
+# internals; st is the transposed score matrix [E, N] (contiguous: reductions over experts are then
+# element-wise over rows, much faster than reducing the short rows of [N, E]).
+
+def _best_and_margin(st: torch.Tensor, p: torch.Tensor):
+    """For r = st - p: the 0/1 indicator of best experts [E, N] (several on a tie), counts per expert
+    (a tied token counted at each of its best experts) and margin = best - second best (0 on ties)."""
+    r = st - p[:, None]
+    best = r.amax(0)
+    ind = (r - best).sign_().add_(1)
+    second = r.sub_(ind, alpha=torch.finfo(st.dtype).max).amax(0)
+    margin = torch.where(ind.sum(0) > 1, 0.0, best - second)
+    return ind, ind.sum(1), margin
+
+
+def _excess(counts: torch.Tensor, cap: torch.Tensor) -> int:
+    return int((counts - cap).clamp(min=0).sum())
+
+
+def _newton_step(st, p, cap, counts, margin, excess):
+    """Damped Newton step on the counts: solve L dp = counts - cap, L the Laplacian of the boundary
+    graph (an edge a-b for each token whose best and second-best experts are a and b, weighted by a
+    kernel of its margin), estimated from the tokens of smallest margin. None if it cannot be formed."""
+    e, n = st.shape
+    k = min(n // 2, max(_BOUNDARY_PER_EXPERT * e, _BOUNDARY_PER_UNIT * excess))
+    if k < 2:
+        return None
+    m, idx = torch.topk(margin, k, largest=False)
+    tau = m[-1]
+    if not bool(tau > 0):
+        return None
+    top = torch.topk(st.index_select(1, idx) - p[:, None], 2, dim=0).indices  # [2, k]
+    w = torch.exp(-m / tau) / tau
+    one_a = torch.nn.functional.one_hot(top[0], e).to(st.dtype)
+    one_b = torch.nn.functional.one_hot(top[1], e).to(st.dtype)
+    h = (one_a * w[:, None]).t() @ one_b  # a matmul, not index_add: deterministic on every device
+    h = h + h.t()
+    deg = h.sum(1)
+    lap = torch.diag(deg * (1 + _DAMPING)) - h
+    lap.diagonal().add_(1e-6 * deg.mean() + 1e-30)
+    dp, info = torch.linalg.solve_ex(lap, (counts - cap).to(st.dtype))
+    if int(info) != 0 or not bool(torch.isfinite(dp).all()):
+        return None
+    return p + (dp - dp.mean())
+
+
+def _solve(st: torch.Tensor, cap: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    e, n = st.shape
+    p = torch.zeros(e, dtype=st.dtype, device=st.device)
+    ind, counts, margin = _best_and_margin(st, p)
+    excess = _excess(counts, cap)
+    # 1. price search on the whole matrix (a rejected step is retried once at half length)
+    for _ in range(_NEWTON_STEPS):
+        if excess == 0:
+            break
+        q = _newton_step(st, p, cap, counts, margin, excess)
+        if q is None:
+            break
+        for q in (q, (p + q) / 2):
+            q_ind, q_counts, q_margin = _best_and_margin(st, q)
+            q_excess = _excess(q_counts, cap)
+            if q_excess < excess:
+                break
+        if q_excess >= excess:
+            break
+        progress = q_excess / excess
+        p, ind, counts, margin, excess = q, q_ind, q_counts, q_margin, q_excess
+        if progress > _NEWTON_PROGRESS:
+            break
+    iota = torch.arange(e, dtype=st.dtype, device=st.device)
+    size = max(_WORKING_PER_UNIT * excess, _WORKING_PER_EXPERT * e)
+    for _ in range(_MAX_ROUNDS):
+        if size >= n // 2:
+            break
+        # 2. working set: every token whose margin is at most the size-th smallest one
+        delta = torch.kthvalue(margin, size).values
+        work = margin <= delta
+        widx = work.nonzero().squeeze(1)
+        fixed_counts = counts - ind.index_select(1, widx).sum(1)
+        sub_cap = cap - fixed_counts.round().to(torch.long)
+        if bool((sub_cap >= 0).all()):
+            # 3. exact repair of the working set
+            a_work, q = _repair(st.index_select(1, widx), sub_cap, p)
+            # 4. fixed tokens keep their (unique) best expert if prices moved less than their margins
+            moved = q - p
+            slack = torch.where(work, torch.finfo(st.dtype).max, margin).amin()
+            if bool(moved.amax() - moved.amin() < slack):
+                a = (iota @ ind).round_().to(torch.long)
+                a[widx] = a_work
+                return a, q
+            p = q
+            ind, counts, margin = _best_and_margin(st, p)
+        size *= 4
+    return _repair(st, cap, p)
+
+
+def _repair(st: torch.Tensor, cap: torch.Tensor, p: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Exact solve of the problem on st [E, M] with capacities cap, from the argmax assignment under
+    prices p, by primal-dual shortest-path phases on the expert graph. Returns (assignment, prices)."""
+    e, m = st.shape
+    dev, dt = st.device, st.dtype
+    inf = float("inf")
+    a = (st - p[:, None]).argmax(0)
+    cols = a[None, :].expand(e, m)
+    for _ in range(m + 2):  # each phase moves at least one token towards balance
+        diff = (torch.bincount(a, minlength=e) - cap).tolist()
+        if all(x <= 0 for x in diff):
             return a, p
         r = st - p[:, None]
-        d = r.gather(0, a[None, :]) - r
-        w = torch.full((e_count, e_count), float("inf"), dtype=st.dtype, device=st.device)
-        w.scatter_reduce_(1, a[None, :].expand(e_count, n), d, "amin")
-        w = w.t()
-        dist = torch.where(excess, 0.0, inf)
-        pred = torch.full((e_count,), -1, dtype=torch.long, device=st.device)
-        for _ in range(e_count):
+        # [E, M]: cost[f, t] of moving token t to expert f; >= 0 as every token sits at a best expert
+        # (clamped: round-off in the price updates must not create negative cycles)
+        cost = (r.gather(0, a[None, :]) - r).clamp_(min=0)
+        w = torch.full((e, e), inf, dtype=dt, device=dev)
+        w.scatter_reduce_(1, cols, cost, "amin")  # w[f, g] = cheapest move of a token of g to f
+        w = w.t().contiguous()
+        dist = torch.tensor([0.0 if x > 0 else inf for x in diff], dtype=dt, device=dev)
+        pred = torch.full((e,), -1, dtype=torch.long, device=dev)
+        for _ in range(e):
             cand, arg = (dist[:, None] + w).min(0)
             better = cand < dist
             if not bool(better.any()):
                 break
             dist = torch.where(better, cand, dist)
             pred = torch.where(better, arg, pred)
-        deficit = counts < cap
-        target_dist = torch.where(deficit, dist, inf)
-        f = int(target_dist.argmin())
-        t_dist = dist[f]
-        while not bool(excess[f]):
-            e = int(pred[f])
-            members = a == e
-            tok = int(torch.where(members, d[f], inf).argmin())
-            a[tok] = f
-            f = e
-        p = p - torch.minimum(dist, t_dist)
-    raise AssignmentError("exact balanced assignment did not converge")
+        # the token that realises each tree edge pred[f] -> f
+        tok = torch.where(a[None, :] == pred[:, None], cost, inf).argmin(1)
+        p = p - dist
+        moves = _pack_paths(diff, pred.tolist(), tok.tolist(), dist.tolist())
+        if not moves:
+            raise AssignmentError("exact balanced assignment made no progress (non-finite scores?)")
+        ti = torch.tensor([t for t, _ in moves], device=dev)
+        fi = torch.tensor([f for _, f in moves], device=dev)
+        a = a.index_put((ti,), fi)
+        cols = a[None, :].expand(e, m)
+    raise AssignmentError("exact balanced assignment exceeded its phase bound")
+
+
+def _pack_paths(diff: List[int], pred: List[int], tok: List[int], dist: List[float]) -> List[Tuple[int, int]]:
+    """Vertex-disjoint shortest-path-tree paths from over-full to under-full experts, nearest first;
+    returns the token moves (token, new expert) along them. Each tree edge is used once, each token once."""
+    used_tokens, used_nodes, moves = set(), set(), []
+    for f in sorted((f for f, x in enumerate(diff) if x < 0), key=lambda f: dist[f]):
+        if dist[f] == float("inf"):
+            continue
+        path, x, seen = [], f, set()
+        while pred[x] >= 0 and x not in used_nodes and tok[x] not in used_tokens and x not in seen:
+            seen.add(x)
+            path.append((tok[x], x))
+            x = pred[x]
+        if pred[x] >= 0 or diff[x] <= 0:
+            continue
+        moves.extend(path)
+        used_tokens.update(t for t, _ in path)
+        used_nodes.update(q for _, q in path)
+        diff[x] -= 1
+        diff[f] += 1
+    return moves

@@ -7,6 +7,12 @@ largest finite score and ``gap = (hi - lo) + 1`` (``gap = 1`` if no score is fin
 * ``-inf`` is scored as ``lo - gap`` (worse than any finite score),
 * ``NaN``  is scored as ``lo - 2 * gap`` (worse than everything else).
 
+(If a finite score is within a factor 16 of the dtype's largest value, all scores are first divided by
+the largest finite magnitude so that these substitutes stay finite.)
+
+Scores whose largest finite magnitude is above 1e20 or below 1e-20 are solved divided by that
+magnitude (a positive scale does not change the optimal assignment), so differences never overflow.
+
 Balance is a hard constraint, so an expert whose column is all ``-inf`` still receives its share: the
 solver simply prefers every finite alternative first. Objectives and certificates are reported on the
 substituted scores.
@@ -21,8 +27,9 @@ CapacityLike = Union[torch.Tensor, Sequence[int], None]
 
 
 def working_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 inputs are solved in float64, every other real dtype in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    """float64, int32 and int64 scores are solved in float64 (exact for integers below 2**53),
+    every other real dtype in float32."""
+    return torch.float64 if dtype in (torch.float64, torch.int32, torch.int64) else torch.float32
 
 
 def check_scores(scores: torch.Tensor) -> None:
@@ -48,6 +55,9 @@ def finite_scores(scores: torch.Tensor) -> torch.Tensor:
     hi = torch.where(finite, s, -big).amax()
     if not bool(finite.any()):
         lo = hi = torch.zeros((), dtype=s.dtype, device=s.device)
+    if bool(torch.maximum(hi.abs(), lo.abs()) > big / 16):  # keep the substitutes finite
+        scale = torch.maximum(hi.abs(), lo.abs())
+        s, lo, hi = s / scale, lo / scale, hi / scale
     gap = (hi - lo) + 1
     s = torch.where(s == float("inf"), hi + gap, s)
     s = torch.where(s == float("-inf"), lo - gap, s)
