@@ -29,8 +29,8 @@ All work is done with torch tensor operations on the input's device (CPU or CUDA
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, List, Tuple
 
 import torch
 
@@ -49,12 +49,15 @@ class AssignmentResult:
     prices:   Tensor[E] (float32, or float64 for float64 scores), dual prices certifying optimality.
     capacity: LongTensor[E].
     scores:   the scores the problem was solved on (after the non-finite rule), in the working dtype.
+    info:     how the solve went (python ints): ``newton_steps``, ``working_set`` (tokens in the last
+              exact repair), ``repair_phases``, ``rounds`` (working-set attempts).
     """
 
     experts: torch.Tensor
     prices: torch.Tensor
     capacity: torch.Tensor
     scores: torch.Tensor
+    info: Dict[str, int] = field(default_factory=dict)
 
     @property
     def objective(self) -> torch.Tensor:
@@ -101,6 +104,7 @@ def solve_balanced_assignment(scores: torch.Tensor, capacity: CapacityLike = Non
     n, e = scores.shape
     cap = resolve_capacity(capacity, n, e, scores.device)
     s = finite_scores(scores)
+    info = dict(newton_steps=0, working_set=0, repair_phases=0, rounds=0)
     if n == 0 or e == 1:
         a = torch.zeros(n, dtype=torch.long, device=s.device)
         p = torch.zeros(e, dtype=s.dtype, device=s.device)
@@ -108,11 +112,11 @@ def solve_balanced_assignment(scores: torch.Tensor, capacity: CapacityLike = Non
         scale = s.abs().amax()
         if not bool((scale > 1e-20) & (scale < 1e20)):
             scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-            a, p = _solve((s / scale).t().contiguous(), cap)
+            a, p = _solve((s / scale).t().contiguous(), cap, info)
             p = p * scale
         else:
-            a, p = _solve(s.t().contiguous(), cap)
-    return AssignmentResult(a, p, cap, s)
+            a, p = _solve(s.t().contiguous(), cap, info)
+    return AssignmentResult(a, p, cap, s, info)
 
 
 def balanced_assignment(scores: torch.Tensor, capacity: CapacityLike = None) -> torch.Tensor:
@@ -168,7 +172,7 @@ def _newton_step(st, p, cap, counts, margin, excess):
     return p + (dp - dp.mean())
 
 
-def _solve(st: torch.Tensor, cap: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def _solve(st: torch.Tensor, cap: torch.Tensor, info: Dict[str, int]) -> Tuple[torch.Tensor, torch.Tensor]:
     e, n = st.shape
     p = torch.zeros(e, dtype=st.dtype, device=st.device)
     ind, counts, margin = _best_and_margin(st, p)
@@ -188,6 +192,7 @@ def _solve(st: torch.Tensor, cap: torch.Tensor) -> Tuple[torch.Tensor, torch.Ten
         if q_excess >= excess:
             break
         progress = q_excess / excess
+        info["newton_steps"] += 1
         p, ind, counts, margin, excess = q, q_ind, q_counts, q_margin, q_excess
         if progress > _NEWTON_PROGRESS:
             break
@@ -196,6 +201,7 @@ def _solve(st: torch.Tensor, cap: torch.Tensor) -> Tuple[torch.Tensor, torch.Ten
     for _ in range(_MAX_ROUNDS):
         if size >= n // 2:
             break
+        info["rounds"] += 1
         # 2. working set: every token whose margin is at most the size-th smallest one
         delta = torch.kthvalue(margin, size).values
         work = margin <= delta
@@ -204,7 +210,7 @@ def _solve(st: torch.Tensor, cap: torch.Tensor) -> Tuple[torch.Tensor, torch.Ten
         sub_cap = cap - fixed_counts.round().to(torch.long)
         if bool((sub_cap >= 0).all()):
             # 3. exact repair of the working set
-            a_work, q = _repair(st.index_select(1, widx), sub_cap, p)
+            a_work, q = _repair(st.index_select(1, widx), sub_cap, p, info)
             # 4. fixed tokens keep their (unique) best expert if prices moved less than their margins
             moved = q - p
             slack = torch.where(work, torch.finfo(st.dtype).max, margin).amin()
@@ -215,21 +221,24 @@ def _solve(st: torch.Tensor, cap: torch.Tensor) -> Tuple[torch.Tensor, torch.Ten
             p = q
             ind, counts, margin = _best_and_margin(st, p)
         size *= 4
-    return _repair(st, cap, p)
+    return _repair(st, cap, p, info)
 
 
-def _repair(st: torch.Tensor, cap: torch.Tensor, p: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def _repair(st: torch.Tensor, cap: torch.Tensor, p: torch.Tensor,
+            info: Dict[str, int]) -> Tuple[torch.Tensor, torch.Tensor]:
     """Exact solve of the problem on st [E, M] with capacities cap, from the argmax assignment under
     prices p, by primal-dual shortest-path phases on the expert graph. Returns (assignment, prices)."""
     e, m = st.shape
     dev, dt = st.device, st.dtype
     inf = float("inf")
+    info["working_set"] = m
     a = (st - p[:, None]).argmax(0)
     cols = a[None, :].expand(e, m)
     for _ in range(m + 2):  # each phase moves at least one token towards balance
         diff = (torch.bincount(a, minlength=e) - cap).tolist()
         if all(x <= 0 for x in diff):
             return a, p
+        info["repair_phases"] += 1
         r = st - p[:, None]
         # [E, M]: cost[f, t] of moving token t to expert f; >= 0 as every token sits at a best expert
         # (clamped: round-off in the price updates must not create negative cycles)
