@@ -6,8 +6,12 @@ from scipy.optimize import linear_sum_assignment
 
 import base_plugin.assignment.exact as exact
 from base_plugin.assignment import (AssignmentError, balanced_assignment, default_capacity,
-                                    greedy_assignment, solve_balanced_assignment)
+                                    greedy_assignment, kernel_available, solve_balanced_assignment)
 from base_plugin.assignment.inputs import finite_scores
+
+# Every exactness test runs on both solvers: the pure-torch path (any device) and the compiled CPU
+# kernel that the install builds.
+BACKENDS = ["torch", "kernel"]
 
 
 def optimum(scores: torch.Tensor, capacity) -> float:
@@ -21,9 +25,9 @@ def optimum(scores: torch.Tensor, capacity) -> float:
     return float(big[rows, picked].sum())
 
 
-def check_exact(scores, capacity=None, rtol=1e-6):
+def check_exact(scores, capacity=None, rtol=1e-6, backend="auto"):
     """Solve, then assert exact balance and an objective equal to scipy's optimum."""
-    res = solve_balanced_assignment(scores, capacity)
+    res = solve_balanced_assignment(scores, capacity, backend=backend)
     n, e = scores.shape
     cap = default_capacity(n, e) if capacity is None else torch.as_tensor(capacity)
     assert res.experts.dtype == torch.long and res.experts.shape == (n,)
@@ -57,12 +61,14 @@ def _gen(seed):
 
 
 @pytest.mark.parametrize("seed", range(300))
-def test_random_default_capacity(seed):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_random_default_capacity(seed, backend):
     check_exact(_gen(seed), rtol=1e-9)
 
 
 @pytest.mark.parametrize("seed", range(100))
-def test_random_explicit_capacity(seed):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_random_explicit_capacity(seed, backend):
     s = _gen(seed + 1000)
     n, e = s.shape
     g = torch.Generator().manual_seed(seed)
@@ -72,13 +78,14 @@ def test_random_explicit_capacity(seed):
 
 
 @pytest.mark.parametrize("n,e", [(2000, 8), (1500, 24), (3000, 4), (1024, 16)])
-def test_working_set_path_float32(n, e):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_working_set_path_float32(n, e, backend):
     g = torch.Generator().manual_seed(n + e)
     s = torch.randn(n, 64, generator=g) @ (0.1 * torch.randn(e, 64, generator=g)).T
     check_exact(s, rtol=1e-6)
 
 
-def test_enlarging_the_working_set_stays_exact(monkeypatch):
+def test_enlarging_the_working_set_stays_exact(monkeypatch):  # torch path: its constants are patched
     # force working sets that are too small, so the enlargement and fallback branches run
     monkeypatch.setattr(exact, "_WORKING_PER_UNIT", 1)
     monkeypatch.setattr(exact, "_WORKING_PER_EXPERT", 1)
@@ -89,16 +96,18 @@ def test_enlarging_the_working_set_stays_exact(monkeypatch):
         check_exact(s, rtol=1e-6)
 
 
-def test_large_certificate():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_certificate(backend):
     g = torch.Generator().manual_seed(0)
     s = torch.randn(16384, 256, generator=g) @ (0.1 * torch.randn(128, 256, generator=g)).T
-    res = solve_balanced_assignment(s)
+    res = solve_balanced_assignment(s, backend=backend)
     assert torch.equal(torch.bincount(res.experts, minlength=128), torch.full((128,), 128))
     assert abs(float(res.gap)) <= 1e-6 * float(s.abs().sum())
 
 
 @pytest.mark.parametrize("n,e", [(64, 8), (67, 8), (5, 8), (100, 1), (0, 4), (0, 1), (1, 1), (1, 3)])
-def test_adversarial_everybody_prefers_expert_0(n, e):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_adversarial_everybody_prefers_expert_0(n, e, backend):
     s = torch.zeros(n, e, dtype=torch.float64)
     if n:
         s[:, 0] = torch.linspace(1, 2, n, dtype=torch.float64)
@@ -106,7 +115,8 @@ def test_adversarial_everybody_prefers_expert_0(n, e):
 
 
 @pytest.mark.parametrize("n,e", [(96, 8), (97, 7), (10, 16), (256, 32)])
-def test_adversarial_ties(n, e):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_adversarial_ties(n, e, backend):
     check_exact(torch.zeros(n, e))                       # all equal
     check_exact(torch.ones(n, e) * 7.0)                  # all equal, non-zero
     check_exact(torch.arange(n * e).remainder(2).view(n, e).float())  # 0/1 checkerboard
@@ -115,29 +125,33 @@ def test_adversarial_ties(n, e):
 
 
 @pytest.mark.parametrize("magnitude", [1e-30, 1e-8, 1e8, 1e30])
-def test_huge_and_tiny_magnitudes(magnitude):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_huge_and_tiny_magnitudes(magnitude, backend):
     g = torch.Generator().manual_seed(1)
     s = torch.randn(120, 6, generator=g, dtype=torch.float64) * magnitude
-    check_exact(s, rtol=1e-9)
+    check_exact(s, rtol=1e-9, backend=backend)
     check_exact(s.float(), rtol=1e-5)
 
 
-def test_float32_extremes():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float32_extremes(backend):
     s = torch.tensor([[3e38, -3e38], [1.0, 2.0], [-1.0, 3e38], [0.0, 0.0]])
-    res = solve_balanced_assignment(s)
+    res = solve_balanced_assignment(s, backend=backend)
     assert torch.equal(torch.bincount(res.experts, minlength=2), torch.tensor([2, 2]))
     assert res.experts[0] == 0 and res.experts[2] == 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
-def test_dtypes(dtype):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dtypes(dtype, backend):
     g = torch.Generator().manual_seed(3)
     s = torch.randn(257, 9, generator=g).to(dtype)
-    res = check_exact(s, rtol=1e-6)
+    res = check_exact(s, rtol=1e-6, backend=backend)
     assert res.prices.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
 
 
-def test_integer_scores():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_integer_scores(backend):
     g = torch.Generator().manual_seed(4)
     s = torch.randint(-5, 6, (150, 7), generator=g)
     check_exact(s, rtol=1e-12)
@@ -155,13 +169,14 @@ def _substituted(s: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def test_nonfinite_rule():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nonfinite_rule(backend):
     g = torch.Generator().manual_seed(5)
     s = torch.randn(90, 6, generator=g, dtype=torch.float64)
     s[:, 2] = float("-inf")                 # one column of -inf: expert 2 still gets its share
     s[::7, 4] = float("nan")
     s[3, 1] = float("inf")
-    res = solve_balanced_assignment(s)
+    res = solve_balanced_assignment(s, backend=backend)
     assert torch.equal(torch.bincount(res.experts, minlength=6), default_capacity(90, 6))
     assert res.experts[3] == 1
     sub = _substituted(s)
@@ -170,10 +185,11 @@ def test_nonfinite_rule():
     assert got == pytest.approx(optimum(sub, default_capacity(90, 6)), rel=1e-12)
 
 
-def test_all_nonfinite():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_nonfinite(backend):
     s = torch.full((12, 4), float("nan"))
     s[0, 0] = float("inf")
-    res = solve_balanced_assignment(s)
+    res = solve_balanced_assignment(s, backend=backend)
     assert torch.equal(torch.bincount(res.experts, minlength=4), torch.full((4,), 3))
     assert res.experts[0] == 0
 
@@ -186,12 +202,13 @@ def test_greedy_is_argmax_with_the_nan_rule():
     assert torch.equal(greedy_assignment(r), r.argmax(1))
 
 
-def test_deterministic():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deterministic(backend):
     g = torch.Generator().manual_seed(7)
     s = torch.randint(0, 4, (3000, 16), generator=g).float() + 0.5 * (torch.randn(3000, 16, generator=g) > 1)
-    first = balanced_assignment(s)
+    first = balanced_assignment(s, backend=backend)
     for _ in range(3):
-        assert torch.equal(balanced_assignment(s), first)
+        assert torch.equal(balanced_assignment(s, backend=backend), first)
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -222,7 +239,32 @@ def test_phase_bound_raises_clear_error(monkeypatch):
     s = torch.zeros(10, 2)
     s[:, 0] = 1
     with pytest.raises(AssignmentError, match="no progress"):
-        balanced_assignment(s)
+        balanced_assignment(s, backend="torch")
+
+
+def test_the_install_built_the_cpu_kernel():
+    # the README's install compiles it; a silent fallback to torch would hide a broken build
+    assert kernel_available()
+
+
+def test_backends_agree_and_warm_start():
+    g = torch.Generator().manual_seed(9)
+    s = torch.randn(3000, 64, generator=g) @ (0.1 * torch.randn(24, 64, generator=g)).T
+    cold = {b: solve_balanced_assignment(s, backend=b) for b in BACKENDS}
+    assert float(cold["torch"].objective) == pytest.approx(float(cold["kernel"].objective), rel=1e-6)
+    for b in BACKENDS:  # from the optimal prices of the other solver: same optimum
+        other = cold["kernel" if b == "torch" else "torch"]
+        warm = solve_balanced_assignment(s, prices=other.prices, backend=b)
+        assert float(warm.objective) == pytest.approx(float(cold[b].objective), rel=1e-6)
+
+
+def test_bad_backend_and_prices():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        balanced_assignment(torch.zeros(4, 2), backend="gpu")
+    with pytest.raises(ValueError, match=r"prices must have shape \[2\]"):
+        solve_balanced_assignment(torch.zeros(4, 2), prices=torch.zeros(3))
+    with pytest.raises(ValueError, match="prices must be finite"):
+        solve_balanced_assignment(torch.zeros(4, 2), prices=torch.tensor([0.0, float("nan")]))
 
 
 def test_returns_on_the_input_device_and_long():
@@ -240,3 +282,15 @@ def test_cuda_matches_cpu():
     assert gpu.experts.is_cuda
     assert torch.equal(torch.bincount(gpu.experts.cpu(), minlength=64), torch.full((64,), 64))
     assert float(gpu.objective.cpu()) == pytest.approx(float(cpu.objective), rel=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strong_expert_bias_float32(seed, backend):
+    # regression: a near-disconnected boundary graph once sent Newton's prices to ~1e6, where float32
+    # r = scores - prices loses every digit; steps are now bounded by the score span
+    g = torch.Generator().manual_seed(seed)
+    n, e = int(torch.randint(400, 1400, (1,), generator=g)), int(torch.randint(8, 72, (1,), generator=g))
+    s = torch.randn(n, e, generator=g) + 3 * torch.randn(e, generator=g)
+    res = check_exact(s, rtol=1e-6, backend=backend)
+    assert float(res.prices.abs().amax()) <= 2 * float(s.amax() - s.amin())

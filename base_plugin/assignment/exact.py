@@ -30,7 +30,7 @@ All work is done with torch tensor operations on the input's device (CPU or CUDA
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -90,40 +90,104 @@ _WORKING_PER_EXPERT = 4      # ... and at least this many per expert
 _MAX_ROUNDS = 6              # working-set enlargements before solving on all tokens
 
 
-def solve_balanced_assignment(scores: torch.Tensor, capacity: CapacityLike = None) -> AssignmentResult:
+def solve_balanced_assignment(scores: torch.Tensor, capacity: CapacityLike = None, *,
+                              prices: Optional[torch.Tensor] = None, backend: str = "auto") -> AssignmentResult:
     """Solve the balanced assignment exactly and return the assignment with its dual certificate.
 
-    scores:   Tensor[N, E] of any real dtype, on any device. float64 is solved in float64, everything
-              else in float32. Non-finite values follow the rule of :mod:`base_plugin.assignment.inputs`.
+    scores:   Tensor[N, E] of any real dtype, on any device. float64, int32 and int64 are solved in
+              float64, everything else in float32. Non-finite values follow the rule of
+              :mod:`base_plugin.assignment.inputs`.
     capacity: LongTensor[E] / sequence of E non-negative ints summing to N, or None for
               ``default_capacity(N, E)`` (N // E each, the first N % E experts one more).
+    prices:   optional Tensor[E], prices to start from (e.g. the previous batch's ``result.prices``);
+              every start reaches an optimum, a good one sooner.
+    backend:  "auto" (the compiled CPU kernel for CPU tensors when it was built, else torch),
+              "torch" (the pure-torch path, any device) or "kernel" (the CPU kernel; RuntimeError if
+              it was not built, ValueError for a non-CPU tensor).
 
-    Raises ValueError for a bad shape or capacity; deterministic for a given input.
+    Raises ValueError for a bad shape, capacity, prices or backend; deterministic for a given input.
     """
     check_scores(scores)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     n, e = scores.shape
     cap = resolve_capacity(capacity, n, e, scores.device)
     s = finite_scores(scores)
     info = dict(newton_steps=0, working_set=0, repair_phases=0, rounds=0)
+    p = torch.zeros(e, dtype=s.dtype, device=s.device) if prices is None else _check_prices(prices, e, s)
     if n == 0 or e == 1:
-        a = torch.zeros(n, dtype=torch.long, device=s.device)
-        p = torch.zeros(e, dtype=s.dtype, device=s.device)
+        return AssignmentResult(torch.zeros(n, dtype=torch.long, device=s.device), p, cap, s, info)
+    lo, hi = torch.aminmax(s)
+    span = float(hi - lo)  # optimal prices never need to differ by more than this
+    scale = torch.maximum(lo.abs(), hi.abs())
+    if bool((scale > 1e-20) & (scale < 1e20)):
+        scale = None  # differences of these scores cannot overflow or vanish
     else:
-        scale = s.abs().amax()
-        if not bool((scale > 1e-20) & (scale < 1e20)):
-            scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-            a, p = _solve((s / scale).t().contiguous(), cap, info)
-            p = p * scale
-        else:
-            a, p = _solve(s.t().contiguous(), cap, info)
-    return AssignmentResult(a, p, cap, s, info)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    work, p_work = (s, p) if scale is None else (s / scale, p / scale)
+    if scale is not None:
+        span = span / float(scale)
+    if _use_kernel(backend, s):
+        a, p_work = _solve_kernel(work, cap, p_work, span, info)
+    else:
+        a, p_work = _solve(work.t().contiguous(), cap, p_work, span, info)
+    return AssignmentResult(a, p_work if scale is None else p_work * scale, cap, s, info)
 
 
-def balanced_assignment(scores: torch.Tensor, capacity: CapacityLike = None) -> torch.Tensor:
+def balanced_assignment(scores: torch.Tensor, capacity: CapacityLike = None, *,
+                        prices: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
     """``LongTensor[N]``: the expert of each token of ``scores[N, E]`` maximising
     ``sum_t scores[t, a[t]]`` with expert e receiving exactly ``capacity[e]`` tokens (default: as equal
-    as possible). Exact; see :func:`solve_balanced_assignment` for the certificate and the rules."""
-    return solve_balanced_assignment(scores, capacity).experts
+    as possible). Exact; see :func:`solve_balanced_assignment` for the options, rules and certificate."""
+    return solve_balanced_assignment(scores, capacity, prices=prices, backend=backend).experts
+
+
+BACKENDS = ("auto", "torch", "kernel")
+
+try:  # built by setup.py when a C++ compiler is present; optional
+    from . import _cpu_kernel
+except ImportError:  # pragma: no cover - depends on the install
+    _cpu_kernel = None
+
+
+def kernel_available() -> bool:
+    """Whether the compiled CPU kernel was built with this install."""
+    return _cpu_kernel is not None
+
+
+def _use_kernel(backend: str, s: torch.Tensor) -> bool:
+    if backend == "torch":
+        return False
+    if backend == "kernel":
+        if _cpu_kernel is None:
+            raise RuntimeError("backend='kernel': the CPU kernel was not built (reinstall with a C++ compiler)")
+        if s.device.type != "cpu":
+            raise ValueError(f"backend='kernel' runs on CPU tensors, got a tensor on {s.device}")
+        return True
+    return _cpu_kernel is not None and s.device.type == "cpu"
+
+
+def _solve_kernel(s: torch.Tensor, cap: torch.Tensor, p: torch.Tensor, span: float,
+                  info: Dict[str, int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    s = s.contiguous()
+    cap = cap.contiguous()
+    a = torch.empty(s.shape[0], dtype=torch.long)
+    p = p.clone().contiguous()
+    steps, phases, working, search_us, repair_us = _cpu_kernel.solve(s.data_ptr(), s.shape[0], s.shape[1], cap.data_ptr(), a.data_ptr(),
+                                     p.data_ptr(), s.dtype == torch.float64,
+                                     torch.get_num_threads(), span)
+    info.update(newton_steps=steps, working_set=working, repair_phases=phases,
+                price_search_us=int(search_us), repair_us=int(repair_us))
+    return a, p
+
+
+def _check_prices(prices, e: int, s: torch.Tensor) -> torch.Tensor:
+    p = torch.as_tensor(prices, device=s.device).to(s.dtype)
+    if p.shape != (e,):
+        raise ValueError(f"prices must have shape [{e}] (one per expert), got {tuple(p.shape)}")
+    if not bool(torch.isfinite(p).all()):
+        raise ValueError("prices must be finite")
+    return p
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -145,7 +209,7 @@ def _excess(counts: torch.Tensor, cap: torch.Tensor) -> int:
     return int((counts - cap).clamp(min=0).sum())
 
 
-def _newton_step(st, p, cap, counts, margin, excess):
+def _newton_step(st, p, cap, counts, margin, excess, span):
     """Damped Newton step on the counts: solve L dp = counts - cap, L the Laplacian of the boundary
     graph (an edge a-b for each token whose best and second-best experts are a and b, weighted by a
     kernel of its margin), estimated from the tokens of smallest margin. None if it cannot be formed."""
@@ -169,19 +233,21 @@ def _newton_step(st, p, cap, counts, margin, excess):
     dp, info = torch.linalg.solve_ex(lap, (counts - cap).to(st.dtype))
     if int(info) != 0 or not bool(torch.isfinite(dp).all()):
         return None
-    return p + (dp - dp.mean())
+    dp = dp - dp.mean()
+    # a near-disconnected boundary graph gives huge steps; optimal prices never differ by more than span
+    return p + dp * min(1.0, span / max(float(dp.abs().amax()), 1e-300))
 
 
-def _solve(st: torch.Tensor, cap: torch.Tensor, info: Dict[str, int]) -> Tuple[torch.Tensor, torch.Tensor]:
+def _solve(st: torch.Tensor, cap: torch.Tensor, p: torch.Tensor, span: float,
+           info: Dict[str, int]) -> Tuple[torch.Tensor, torch.Tensor]:
     e, n = st.shape
-    p = torch.zeros(e, dtype=st.dtype, device=st.device)
     ind, counts, margin = _best_and_margin(st, p)
     excess = _excess(counts, cap)
     # 1. price search on the whole matrix (a rejected step is retried once at half length)
     for _ in range(_NEWTON_STEPS):
         if excess == 0:
             break
-        q = _newton_step(st, p, cap, counts, margin, excess)
+        q = _newton_step(st, p, cap, counts, margin, excess, span)
         if q is None:
             break
         for q in (q, (p + q) / 2):

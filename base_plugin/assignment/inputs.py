@@ -47,9 +47,9 @@ def check_scores(scores: torch.Tensor) -> None:
 def finite_scores(scores: torch.Tensor) -> torch.Tensor:
     """Return ``scores`` in the working dtype with non-finite values replaced by the module's rule."""
     s = scores.to(working_dtype(scores.dtype))
+    if s.numel() == 0 or bool(torch.isfinite(torch.stack(torch.aminmax(s))).all()):
+        return s  # min and max are finite (NaN propagates into both): one reduction, one host sync
     finite = torch.isfinite(s)
-    if bool(finite.all()):  # one host sync; the common case pays nothing else
-        return s
     big = torch.finfo(s.dtype).max
     lo = torch.where(finite, s, big).amin()
     hi = torch.where(finite, s, -big).amax()
