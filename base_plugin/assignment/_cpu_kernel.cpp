@@ -331,38 +331,55 @@ void solve(const Problem<T>& P, int64_t* out, T* prices, Stats& stats) {
     if (progress > kNewtonProgress) break;
   }
   auto t1 = Clock::now();
-  // Exact repair on a working set: the tokens of smallest margin. The others keep their expert, which
-  // stays a best one as long as the prices move (max - min) by less than their smallest margin.
-  std::vector<int64_t> idx(n), work;
-  std::iota(idx.begin(), idx.end(), 0);
-  int64_t size = std::max(kWorkingPerUnit * excess, kWorkingPerExpert * e);
-  for (;;) {
-    work.clear();
-    double slack = std::numeric_limits<double>::infinity();
-    if (size >= n / 2) {
-      work = idx;
-    } else {
-      auto by_margin = [&](int64_t x, int64_t y) { return margin[x] < margin[y] || (margin[x] == margin[y] && x < y); };
-      std::nth_element(idx.begin(), idx.begin() + size, idx.end(), by_margin);
-      double cut = margin[idx[size]];
-      for (int64_t t = 0; t < n; ++t) {
-        if (margin[t] < cut) work.push_back(t);
-        else slack = std::min(slack, margin[t]);
-      }
+  // Exact repair on a working set: the tokens of smallest margin, plus enough of every over-full
+  // expert's tokens that it can shed its excess. A token t outside the set keeps expert a[t], which
+  // stays a best one while the prices moved (since routing) by dp with dp[a[t]] - min(dp) < margin[t].
+  // Tokens for which that fails are re-routed, join the set, and the repair goes on from there.
+  std::vector<char> in_work(n, 0);
+  std::vector<int64_t> work;
+  {
+    std::vector<int64_t> idx(n);
+    std::iota(idx.begin(), idx.end(), 0);
+    auto by_margin = [&](int64_t x, int64_t y) { return margin[x] < margin[y] || (margin[x] == margin[y] && x < y); };
+    int64_t size = std::min(n, std::max(kWorkingPerUnit * excess, kWorkingPerExpert * e));
+    if (size < n) std::nth_element(idx.begin(), idx.begin() + size, idx.end(), by_margin);
+    double cut = size < n ? margin[idx[size]] : std::numeric_limits<double>::infinity();
+    std::vector<std::vector<int64_t>> fixed(e);
+    for (int64_t t = 0; t < n; ++t) {
+      if (margin[t] < cut) in_work[t] = 1;
+      else fixed[a[t]].push_back(t);
     }
-    std::vector<double> p0(p);
-    std::vector<int64_t> a0(a);
+    for (int64_t f = 0; f < e; ++f) {
+      int64_t over = int64_t(fixed[f].size()) - P.cap[f];
+      if (over <= 0) continue;
+      int64_t take = std::min<int64_t>(int64_t(fixed[f].size()), over + kWorkingPerExpert);
+      std::nth_element(fixed[f].begin(), fixed[f].begin() + (take - 1), fixed[f].end(), by_margin);
+      for (int64_t i = 0; i < take; ++i) in_work[fixed[f][i]] = 1;
+    }
+    for (int64_t t = 0; t < n; ++t)
+      if (in_work[t]) work.push_back(t);
+  }
+  const std::vector<double> p_routed(p);
+  for (int64_t round = 0;; ++round) {
     int64_t phases = repair(P, p, a, work);
-    double lo = std::numeric_limits<double>::infinity(), hi = -lo;
-    for (int64_t f = 0; f < e; ++f) { lo = std::min(lo, p[f] - p0[f]); hi = std::max(hi, p[f] - p0[f]); }
-    stats.repair_phases += std::max<int64_t>(phases, 0);
+    if (phases < 0) throw std::runtime_error("exact balanced assignment (CPU kernel): repair found no path");
+    stats.repair_phases += phases;
     stats.working_set = int64_t(work.size());
-    if (phases >= 0 && (int64_t(work.size()) == n || hi - lo < slack)) break;
-    if (int64_t(work.size()) == n) throw std::runtime_error("exact balanced assignment (CPU kernel): repair failed");
-    // too small: restart from the argmax routing at the current prices with a larger set
-    if (phases < 0) { p = p0; }
-    excess = route_all(P, p, a, b, margin, counts);
-    size *= 4;
+    double least = std::numeric_limits<double>::infinity();
+    for (int64_t f = 0; f < e; ++f) least = std::min(least, p[f] - p_routed[f]);
+    int64_t added = 0;
+    for (int64_t t = 0; t < n; ++t) {
+      if (in_work[t] || p[a[t]] - p_routed[a[t]] - least < margin[t]) continue;
+      const T* row = P.s + t * e;  // re-route t at the current prices
+      double best = -std::numeric_limits<double>::infinity();
+      for (int64_t f = 0; f < e; ++f)
+        if (double(row[f]) - p[f] > best) { best = double(row[f]) - p[f]; a[t] = f; }
+      in_work[t] = 1;
+      work.push_back(t);
+      ++added;
+    }
+    if (added == 0) break;
+    if (round > n) throw std::runtime_error("exact balanced assignment (CPU kernel): working set did not settle");
   }
   stats.price_search_us = std::chrono::duration<double, std::micro>(t1 - t0).count();
   stats.repair_us = std::chrono::duration<double, std::micro>(Clock::now() - t1).count();

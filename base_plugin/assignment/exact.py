@@ -21,8 +21,8 @@ works in that dual:
    shortest-path prices (Bellman-Ford, vectorised over E x E) and moves one token along every tree
    path it can from an over-full to an under-full expert. Every move keeps every token at a best
    expert, so the final assignment is exactly optimal.
-4. The fixed tokens stay optimal if the prices moved by less than their margins; this is checked and
-   the working set is enlarged otherwise.
+4. A fixed token stays optimal if its expert's price rose by less than its margin above the
+   least-raised price; this is checked and the working set is enlarged otherwise.
 
 The answer is certified by :attr:`AssignmentResult.gap` = D(p) - objective (zero up to round-off).
 All work is done with torch tensor operations on the input's device (CPU or CUDA, same code).
@@ -277,13 +277,16 @@ def _solve(st: torch.Tensor, cap: torch.Tensor, p: torch.Tensor, span: float,
         if bool((sub_cap >= 0).all()):
             # 3. exact repair of the working set
             a_work, q = _repair(st.index_select(1, widx), sub_cap, p, info)
-            # 4. fixed tokens keep their (unique) best expert if prices moved less than their margins
+            # 4. a fixed token t keeps its (unique) best expert a[t] while its price rose by less than
+            #    margin[t] above the least-raised expert's: moved[a[t]] - min(moved) < margin[t]
             moved = q - p
-            slack = torch.where(work, torch.finfo(st.dtype).max, margin).amin()
-            if bool(moved.amax() - moved.amin() < slack):
-                a = (iota @ ind).round_().to(torch.long)
-                a[widx] = a_work
-                return a, q
+            fixed_a = (iota @ ind).round_().to(torch.long)
+            slack = torch.full((e,), torch.finfo(st.dtype).max, dtype=st.dtype, device=st.device)
+            slack.scatter_reduce_(0, torch.where(work, 0, fixed_a), torch.where(work, torch.finfo(st.dtype).max, margin),
+                                  "amin")
+            if bool((moved - moved.amin() < slack).all()):
+                fixed_a[widx] = a_work
+                return fixed_a, q
             p = q
             ind, counts, margin = _best_and_margin(st, p)
         size *= 4
