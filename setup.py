@@ -23,7 +23,7 @@ setup(
     extras_require={
         "test": ["pytest>=7", "pytest-timeout>=2.1", "scipy>=1.9"],
         "deepspeed": ["deepspeed>=0.16"],
-        "megatron": ["megatron-core>=0.14,<0.17"],
+        "megatron": ["megatron-core>=0.16,<0.17"],  # tested: 0.16.1
     },
     ext_modules=[cpu_kernel],
     entry_points={"console_scripts": ["base-plugin=base_plugin.cli:main"]},
