@@ -22,7 +22,7 @@ works in that dual:
    path it can from an over-full to an under-full expert. Every move keeps every token at a best
    expert, so the final assignment is exactly optimal.
 4. A fixed token stays optimal if its expert's price rose by less than its margin above the
-   least-raised price; this is checked and the working set is enlarged otherwise.
+   least-raised price; tokens for which that fails join the working set and the repair goes on.
 
 The answer is certified by :attr:`AssignmentResult.gap` = D(p) - objective (zero up to round-off).
 All work is done with torch tensor operations on the input's device (CPU or CUDA, same code).
@@ -87,7 +87,6 @@ _BOUNDARY_PER_UNIT = 8       # ... and this many per over-full unit
 _DAMPING = 0.3               # Levenberg-Marquardt damping of the Jacobian's diagonal
 _WORKING_PER_UNIT = 16       # working set: this many tokens per over-full unit ...
 _WORKING_PER_EXPERT = 4      # ... and at least this many per expert
-_MAX_ROUNDS = 6              # working-set enlargements before solving on all tokens
 
 
 def solve_balanced_assignment(scores: torch.Tensor, capacity: CapacityLike = None, *,
@@ -263,34 +262,36 @@ def _solve(st: torch.Tensor, cap: torch.Tensor, p: torch.Tensor, span: float,
         if progress > _NEWTON_PROGRESS:
             break
     iota = torch.arange(e, dtype=st.dtype, device=st.device)
-    size = max(_WORKING_PER_UNIT * excess, _WORKING_PER_EXPERT * e)
-    for _ in range(_MAX_ROUNDS):
-        if size >= n // 2:
-            break
-        info["rounds"] += 1
-        # 2. working set: every token whose margin is at most the size-th smallest one
-        delta = torch.kthvalue(margin, size).values
-        work = margin <= delta
+    # 2. working set: the tokens of smallest margin, plus enough of every over-full expert's tokens that
+    #    it can shed its excess; everybody else stays at its (unique) best expert for now
+    fixed_a = (iota @ ind).round_().to(torch.long)  # exact wherever margin > 0
+    size = min(n, max(_WORKING_PER_UNIT * excess, _WORKING_PER_EXPERT * e))
+    work = margin <= torch.kthvalue(margin, size).values
+    fixed_a = torch.where(work, 0, fixed_a)  # (tied tokens' sums of indices are not experts)
+    fixed_counts = torch.bincount(fixed_a[~work], minlength=e)
+    take = (fixed_counts - cap + _WORKING_PER_EXPERT).clamp(min=0) * (fixed_counts > cap)
+    if bool(take.any()):
+        order = torch.argsort(torch.where(work, torch.finfo(st.dtype).max, margin), stable=True)
+        order = order[torch.argsort(fixed_a[order], stable=True)]  # by expert, then by margin
+        start = torch.cumsum(torch.bincount(fixed_a, minlength=e), 0) - torch.bincount(fixed_a, minlength=e)
+        rank = torch.arange(n, device=st.device) - start[fixed_a[order]]
+        work[order[rank < take[fixed_a[order]]]] = True
+    p_routed = p
+    for _ in range(n + 1):
         widx = work.nonzero().squeeze(1)
-        fixed_counts = counts - ind.index_select(1, widx).sum(1)
-        sub_cap = cap - fixed_counts.round().to(torch.long)
-        if bool((sub_cap >= 0).all()):
-            # 3. exact repair of the working set
-            a_work, q = _repair(st.index_select(1, widx), sub_cap, p, info)
-            # 4. a fixed token t keeps its (unique) best expert a[t] while its price rose by less than
-            #    margin[t] above the least-raised expert's: moved[a[t]] - min(moved) < margin[t]
-            moved = q - p
-            fixed_a = (iota @ ind).round_().to(torch.long)
-            slack = torch.full((e,), torch.finfo(st.dtype).max, dtype=st.dtype, device=st.device)
-            slack.scatter_reduce_(0, torch.where(work, 0, fixed_a), torch.where(work, torch.finfo(st.dtype).max, margin),
-                                  "amin")
-            if bool((moved - moved.amin() < slack).all()):
-                fixed_a[widx] = a_work
-                return fixed_a, q
-            p = q
-            ind, counts, margin = _best_and_margin(st, p)
-        size *= 4
-    return _repair(st, cap, p, info)
+        sub_cap = cap - torch.bincount(fixed_a[~work], minlength=e)
+        info["rounds"] += 1
+        # 3. exact repair of the working set
+        a_work, p = _repair(st.index_select(1, widx), sub_cap, p, info)
+        # 4. a fixed token t keeps its best expert a[t] while the prices moved (since routing) by d
+        #    with d[a[t]] - min(d) < margin[t]; the others join the working set and the repair goes on
+        moved = p - p_routed
+        stale = ~work & (moved[fixed_a] - moved.amin() >= margin)
+        if not bool(stale.any()):
+            fixed_a[widx] = a_work
+            return fixed_a, p
+        work |= stale
+    raise AssignmentError("exact balanced assignment: the working set did not settle")
 
 
 def _repair(st: torch.Tensor, cap: torch.Tensor, p: torch.Tensor,
