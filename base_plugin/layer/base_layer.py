@@ -1,0 +1,212 @@
+"""The BASE layer (Lewis et al. 2021): balanced assignment of tokens to experts, expert-parallel."""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..assignment import default_capacity, greedy_assignment, solve_balanced_assignment
+from .all_to_all import all_to_all, exchange, exchange_counts
+from .experts import ExpertList, GroupedExperts
+from .groups import expert_group_name, mark_expert_parameters, resolve_group
+from .stats import RoutingStats
+
+Router = Union[str, Callable[[torch.Tensor], torch.Tensor]]
+_ROUTERS = ("exact", "greedy")
+_CENTROID_GAIN = 0.1  # small centroids: the gate starts near 1/2 and tokens are spread by direction only
+
+
+def _inverse(perm: torch.Tensor) -> torch.Tensor:
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel(), device=perm.device)
+    return inv
+
+
+class BaseLayer(nn.Module):
+    """Expert-parallel BASE layer: every token goes to exactly one expert, the load balanced exactly.
+
+    ``forward(x)``: x is a float Tensor[..., d_model] (any leading shape, possibly 0 tokens, a different
+    number of tokens on every rank); returns Tensor of the same shape and dtype. Per call:
+
+    1. tokens are flattened and, when training with ``shuffle=True``, randomly permuted and spread
+       evenly over the expert-parallel group (as in the paper, so a rank's batch is not one domain);
+    2. scores ``x · cᵀ`` against the centroids of all ``num_experts`` experts (no gradient);
+    3. routing: training → ``assignment`` (default exact balanced assignment *per rank*: every expert
+       gets ``n // E`` or ``n // E + 1`` of this rank's n tokens); not training → ``inference``
+       (default greedy argmax);
+    4. tokens go to their expert's rank with ``all_to_all_single`` (counts exchanged first);
+    5. ``y = α·f_e(x) + (1 − α)·x`` with ``α = σ(x · c_e)`` — the centroids learn through the gate only;
+    6. results go back and the original order and shape are restored.
+
+    "Training" is ``self.training`` (``model.train()`` / ``model.eval()``), not ``torch.is_grad_enabled()``
+    as in the reference code: the routing of a module then does not change when it is recomputed with
+    grad enabled under activation checkpointing (whose first pass runs under ``no_grad``), evaluation
+    with gradients (attribution, probing) still routes like inference, and it is the convention that
+    dropout and every framework's eval loop already follow. Every rank of the group must be in the same
+    mode; a mismatch is detected and raises ValueError on all ranks instead of hanging.
+
+    Args:
+        d_model: hidden size d.
+        experts: this rank's ``num_experts / W`` experts — a sequence of ``nn.Module`` mapping [n, d] to
+            [n, d] (wrapped in :class:`ExpertList`), or a :class:`GroupedExperts` (e.g.
+            :class:`BatchedBaseExperts`). Local expert i is global expert ``rank * (num_experts / W) + i``.
+        num_experts: total experts E over the expert-parallel group.
+        group: expert-parallel process group of size W (``None``: the world if torch.distributed is
+            initialised, else a single process). It may be a subgroup, e.g. one of two EP groups inside
+            a 4-rank world whose other dimension is data parallel.
+        shuffle: randomly redistribute tokens over the group before routing (training only).
+        assignment: routing while training, ``"exact"`` | ``"greedy"`` | callable(scores[n, E]) -> LongTensor[n].
+        inference: routing while not training, same choices.
+        group_name: the ``group_name`` mark of expert parameters (default DeepSpeed's ``"ep_size_<W>"``).
+
+    Parameters: ``centroids`` [num_experts / W, d] (this rank's experts' centroids) and the experts' own;
+    all carry ``allreduce = False`` and ``group_name`` (see :mod:`base_plugin.layer.groups`), i.e. they
+    are reduced only over the ranks that hold the same experts (the expert-data-parallel group).
+
+    Collectives per call on ``group``: one all_gather (centroids and the mode check; the first call
+    adds one all_gather of sizes), then per
+    exchange one count all_to_all and one token all_to_all (2 exchanges, 4 with the shuffle); backward
+    repeats the token all_to_alls in reverse. Every rank of the group must call forward (and backward)
+    the same number of times, whatever its number of tokens.
+
+    Raises ValueError for: a bad hidden size of ``x``; ``num_experts`` not divisible by W; a number of
+    local experts other than ``num_experts / W``; experts whose declared ``d_model`` differs; a group
+    this process is not in; an unknown router; ranks of the group disagreeing on d_model or num_experts
+    (checked once, at the first call) or on the training mode (checked every call) — raised on every
+    rank of the group alike, so none is left waiting.
+
+    After each call ``last_stats`` holds a :class:`RoutingStats` (device tensors, no host sync).
+    """
+
+    def __init__(self, d_model: int, experts: Union[Sequence[nn.Module], GroupedExperts], num_experts: int,
+                 group: Optional[dist.ProcessGroup] = None, *, shuffle: bool = True, assignment: Router = "exact",
+                 inference: Router = "greedy", group_name: Optional[str] = None):
+        super().__init__()
+        self.group, self.world, self.rank = resolve_group(group)
+        if d_model < 1 or num_experts < 1:
+            raise ValueError(f"d_model and num_experts must be >= 1, got {d_model} and {num_experts}")
+        if num_experts % self.world:
+            raise ValueError(f"num_experts={num_experts} is not divisible by the expert-parallel group size "
+                             f"{self.world}")
+        self.d_model, self.num_experts = d_model, num_experts
+        self.num_local = num_experts // self.world
+        if not isinstance(experts, GroupedExperts):
+            experts = ExpertList(experts if isinstance(experts, (list, tuple, nn.ModuleList)) else [experts])
+        if experts.num_experts != self.num_local:
+            raise ValueError(f"got {experts.num_experts} local experts, but num_experts={num_experts} over an "
+                             f"expert-parallel group of {self.world} ranks needs {self.num_local} per rank")
+        if experts.d_model is not None and experts.d_model != d_model:
+            raise ValueError(f"experts have d_model={experts.d_model}, the layer has d_model={d_model}")
+        self.experts = experts
+        for name, router in (("assignment", assignment), ("inference", inference)):
+            if not callable(router) and router not in _ROUTERS:
+                raise ValueError(f"{name} must be one of {_ROUTERS} or a callable, got {router!r}")
+        self.shuffle, self.assignment, self.inference = shuffle, assignment, inference
+
+        # Every rank draws the full [E, d] matrix and keeps its rows, so with a common seed the
+        # global centroids do not depend on the expert-parallel size.
+        full = nn.init.orthogonal_(torch.empty(num_experts, d_model), gain=_CENTROID_GAIN)
+        self.centroids = nn.Parameter(full[self.rank * self.num_local:(self.rank + 1) * self.num_local].clone())
+        self.group_name = group_name or expert_group_name(self.world)
+        mark_expert_parameters(self.experts.parameters(), self.group_name)
+        mark_expert_parameters([self.centroids], self.group_name)
+        self.last_stats: Optional[RoutingStats] = None
+        self._sizes_checked = False
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, num_experts={self.num_experts}, ep_size={self.world}, "
+                f"shuffle={self.shuffle}, assignment={self.assignment!r}, inference={self.inference!r}")
+
+    def _check_sizes(self) -> None:
+        """Once: all ranks of the group hold the same sizes (else the collectives below could not match)."""
+        mine = torch.tensor([self.d_model, self.num_experts, self.num_local], dtype=torch.long)
+        rows = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(rows, mine.to(self.centroids.device), group=self.group)
+        sizes = torch.stack(rows).cpu()
+        if not bool((sizes == mine).all()):
+            raise ValueError("ranks of the expert-parallel group disagree on (d_model, num_experts, local experts): "
+                             f"{sizes.tolist()}")
+        self._sizes_checked = True
+
+    def _gather_centroids(self, shuffling: bool) -> torch.Tensor:
+        """All centroids [E, d] (detached, float64), checking that the group agrees on the mode."""
+        local = self.centroids.detach().to(torch.float64)
+        if self.group is None:
+            return local
+        if not self._sizes_checked:
+            self._check_sizes()
+        # One extra row carries what must match on every rank, so a mismatch raises everywhere
+        # instead of leaving some ranks waiting in a collective the others never enter.
+        header = local.new_zeros(1, self.d_model)
+        header[0, 0] = float(self.training) + 2.0 * float(shuffling)
+        mine = torch.cat([header, local])
+        rows = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(rows, mine, group=self.group)
+        modes = torch.stack([r[0, 0] for r in rows])
+        if not bool((modes == modes[self.rank]).all()):
+            raise ValueError("ranks of the expert-parallel group disagree on the mode "
+                             f"(per rank: training + 2 * shuffling = {modes.tolist()})")
+        return torch.cat([r[1:] for r in rows])
+
+    def _route(self, scores: torch.Tensor):
+        router = self.assignment if self.training else self.inference
+        zero = scores.new_zeros(())
+        if router == "exact":
+            result = solve_balanced_assignment(scores)
+            return result.experts, result.objective.to(scores.dtype), result.gap.to(scores.dtype)
+        experts = greedy_assignment(scores) if router == "greedy" else router(scores).to(torch.long)
+        objective = scores.gather(1, experts[:, None]).sum()
+        return experts, objective, (zero if router == "greedy" else zero + float("nan"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 1 or x.shape[-1] != self.d_model:
+            raise ValueError(f"expected input of shape [..., {self.d_model}], got {tuple(x.shape)}")
+        shape, dev = x.shape, x.device
+        h = x.reshape(-1, self.d_model)
+        shuffling = self.shuffle and self.training and self.group is not None
+        centroids = self._gather_centroids(shuffling)
+
+        if shuffling:
+            perm = torch.randperm(h.shape[0], device=dev)
+            even = default_capacity(h.shape[0], self.world, dev)
+            h, _, shuffle_send, shuffle_recv = exchange(h[perm], even, self.group)
+
+        with torch.no_grad():
+            scores = h.detach() @ centroids.to(h.dtype).t()
+            expert, objective, gap = self._route(scores)
+        order = torch.argsort(expert, stable=True)
+        per_expert = torch.bincount(expert, minlength=self.num_experts)
+        recv_counts = exchange_counts(per_expert, self.group)
+        local_counts = recv_counts.view(self.world, self.num_local).sum(0)
+        # the one host synchronisation of the dispatch: split sizes per rank, tokens per local expert
+        host = torch.cat([per_expert.view(self.world, -1).sum(1), recv_counts.view(self.world, -1).sum(1),
+                          local_counts]).tolist()
+        send_splits, recv_splits = host[:self.world], host[self.world:2 * self.world]
+        counts = host[2 * self.world:]
+        routed = all_to_all(h[order], send_splits, recv_splits, self.group)
+
+        # Received rows are ordered (source rank, local expert); the experts want them by local expert.
+        local_id = torch.arange(self.num_local, device=dev)
+        if self.num_local > 1:
+            ids = torch.repeat_interleave(local_id.repeat(self.world), recv_counts, output_size=routed.shape[0])
+            regroup = torch.argsort(ids, stable=True)
+            routed = routed[regroup]
+        ids = torch.repeat_interleave(local_id, local_counts, output_size=routed.shape[0])
+        gate = torch.sigmoid((routed * self.centroids.to(routed.dtype)[ids]).sum(-1, keepdim=True))
+        out = gate * self.experts(routed, counts) + (1 - gate) * routed
+        if self.num_local > 1:
+            out = out[_inverse(regroup)]
+
+        out = all_to_all(out, recv_splits, send_splits, self.group)[_inverse(order)]
+        if shuffling:
+            out = all_to_all(out, shuffle_recv, shuffle_send, self.group)[_inverse(perm)]
+
+        sent = per_expert.view(self.world, self.num_local).sum(1)
+        self.last_stats = RoutingStats(
+            tokens_per_expert=per_expert.detach(), tokens_received=local_counts.detach(),
+            objective=objective.detach(), gap=gap.detach(),
+            mean_gate=gate.detach().sum() / max(gate.shape[0], 1),
+            tokens_moved=sent.sum() - sent[self.rank])
+        return out.reshape(shape)
