@@ -1,5 +1,9 @@
 from setuptools import Extension, find_packages, setup
 
+DEEPSPEED = ["deepspeed>=0.16"]
+MEGATRON = ["megatron-core>=0.16,<0.17"]  # tested: 0.16.1
+DEMO = ["matplotlib>=3.5", "tensorboard>=2.10", "tqdm"]
+
 # The exact-assignment CPU kernel: plain C++ against the CPython API (no torch headers, builds in
 # seconds). optional=True: without a compiler the install still succeeds and base_plugin.assignment
 # uses its pure-torch path.
@@ -21,9 +25,11 @@ setup(
     packages=find_packages(include=["base_plugin", "base_plugin.*"]),
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout>=2.1", "scipy>=1.9"],
-        "deepspeed": ["deepspeed>=0.16"],
-        "megatron": ["megatron-core>=0.16,<0.17"],  # tested: 0.16.1
+        "deepspeed": DEEPSPEED,
+        "megatron": MEGATRON,
+        "demo": DEEPSPEED + DEMO,
+        # the whole test suite: every integration is tested for real
+        "test": ["pytest>=7", "pytest-timeout>=2.1", "scipy>=1.9"] + DEEPSPEED + MEGATRON + DEMO,
     },
     ext_modules=[cpu_kernel],
     entry_points={"console_scripts": ["base-plugin=base_plugin.cli:main"]},

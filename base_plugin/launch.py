@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import os
 import queue
+import signal
 import socket
 import tempfile
 import time
@@ -33,7 +34,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(fn, rank, world_size, port, store, args, results, threads):
+def _entry(fn, rank, world_size, port, store, args, results, threads, ignore_sigint):
+    if ignore_sigint:  # the parent turns Ctrl-C into its stop event; ranks finish their step cleanly
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
                       GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
@@ -51,13 +54,17 @@ def _entry(fn, rank, world_size, port, store, args, results, threads):
             dist.destroy_process_group()
 
 
-def run_ranks(fn, world_size: int, *args, timeout: float = 120.0, threads_per_rank: int = 1):
+def run_ranks(fn, world_size: int, *args, timeout: float = 120.0, threads_per_rank: int = 1, stop_event=None):
+    """See the module docstring. ``stop_event`` (a ``multiprocessing`` Event of the spawn context that
+    ``fn`` also receives in ``args``): the first Ctrl-C sets it instead of killing the ranks, which are
+    then expected to stop on their own and return; a second Ctrl-C aborts."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="multirank-") as tmp:
         store = os.path.join(tmp, "rendezvous")
-        procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, store, args, results, threads_per_rank),
+        procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, store, args, results, threads_per_rank,
+                                   stop_event is not None),
                              daemon=True)
                  for r in range(world_size)]
         for p in procs:
@@ -68,6 +75,11 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 120.0, threads_per_ra
             while len(out) + len(errors) < world_size:
                 try:
                     rank, ok, value = results.get(timeout=max(0.0, deadline - time.monotonic()))
+                except KeyboardInterrupt:
+                    if stop_event is None or stop_event.is_set():
+                        raise
+                    stop_event.set()
+                    continue
                 except queue.Empty:
                     if errors:
                         break
