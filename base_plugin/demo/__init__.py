@@ -23,7 +23,7 @@ VARIANTS = ("dense", "top1", "top2", "base")
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="base-plugin demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=300, help="training steps per run (default 300)")
+    p.add_argument("--steps", type=int, default=400, help="training steps per run (default 400)")
     p.add_argument("--experts", type=int, default=8, help="experts in the MoE block (default 8)")
     p.add_argument("--ranks", type=int, default=2, help="CPU processes, also the expert-parallel size (default 2)")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
