@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = dict(seq_len=args.seq_len, d_model=args.d_model, n_layers=args.layers, n_heads=4, ffn=4 * args.d_model,
-                 moe_layers=(args.layers // 2,), num_experts=args.experts, ep_size=args.ranks)
+                 num_experts=args.experts, ep_size=args.ranks)
     settings = dict(vars(args), model=model)
     threads = max(1, (os.cpu_count() or 1) // args.ranks)
     import multiprocessing
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
             run = dict(variant=variant, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
                        warmup=max(1, args.steps // 10), data=args.data, out=str(out), eval_every=args.eval_every,
                        eval_batches=args.eval_batches,
-                       model=dict(model, moe="dense" if variant == "dense" else ("top2" if variant == "top2" else "top1")),
+                       model=model,
                        base_layer=dict(enabled=True, num_experts=args.experts, ep_size=args.ranks))
             result = run_ranks(train, args.ranks, run, stop, timeout=3600, threads_per_rank=threads,
                                stop_event=stop)[0]

@@ -28,6 +28,9 @@ def plot(out: Path, runs: List[Dict]) -> List[Path]:
         if run.get("val_step"):
             ax.plot(run["val_step"], run["val_loss"], marker="o", ms=3, label=LABELS[run["variant"]])
     ax.set(xlabel="step", ylabel="validation loss (nats / byte)", title="Held-out loss at equal steps and tokens")
+    finals = [r["val_loss"][-1] for r in runs if r.get("val_loss")]
+    if finals:  # early spikes of the top-k runs would flatten the part worth reading
+        ax.set_ylim(min(finals) - 0.1, max(finals) + 1.0)
     ax.grid(alpha=0.3)
     ax.legend()
     paths.append(out / "validation_loss.png")

@@ -7,15 +7,56 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict
 from typing import Dict
 
 import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 
+from torch import nn
+
+from ..models import GPT, GPTConfig
+from ..models.gpt import MLP
 from .data import batch, eval_batches, load_text, split
-from .model import GPTConfig, TinyGPT
+
+
+class CountedMoE(nn.Module):
+    """Wraps a DeepSpeed-style MoE (``forward -> (out, l_aux, exp_counts)``) and keeps the counts.
+    The ``"base_layer"`` section swaps the MoE inside for a BASE layer; the wrapper stays."""
+
+    def __init__(self, moe: nn.Module):
+        super().__init__()
+        self.moe = moe
+        self.last_counts = None
+
+    def forward(self, x):
+        out, l_aux, self.last_counts = self.moe(x)
+        return out, l_aux
+
+
+def deepspeed_moe(ep_size: int):
+    """``moe_factory`` for :class:`~base_plugin.models.GPT`: DeepSpeed's own MoE with the model's FFN as
+    the expert (top-k, capacity factor and aux loss from the config)."""
+    def factory(cfg: GPTConfig, block_index: int) -> nn.Module:
+        from deepspeed.moe.layer import MoE
+
+        return CountedMoE(MoE(hidden_size=cfg.d_model, expert=MLP(cfg.d_model, cfg.expert_ffn, cfg.activation),
+                              num_experts=cfg.num_experts, ep_size=ep_size, k=cfg.top_k,
+                              capacity_factor=cfg.capacity_factor, eval_capacity_factor=cfg.capacity_factor,
+                              min_capacity=1, drop_tokens=True))
+    return factory
+
+
+def model_config(variant: str, m: Dict) -> GPTConfig:
+    """The demo's GPT for a run: MoE FFN in the middle block (top-1 for "top1" and "base", top-2 with
+    half-width experts so active parameters stay equal), or all dense FFNs for "dense"."""
+    top_k = 2 if variant == "top2" else 1
+    return GPTConfig(name=f"demo-{variant}", vocab_size=256, max_seq_len=m["seq_len"], d_model=m["d_model"],
+                     n_layers=m["n_layers"], n_heads=m["n_heads"], ffn_dim=m["ffn"],
+                     sparse="none" if variant == "dense" else "moe",
+                     sparse_positions=() if variant == "dense" else (m["n_layers"] // 2,),
+                     num_experts=m["num_experts"], top_k=top_k, expert_ffn_dim=m["ffn"] // top_k,
+                     capacity_factor=1.0, aux_loss_coef=0.01)
 
 
 def ds_config(run: Dict) -> Dict:
@@ -46,7 +87,7 @@ def evaluate(engine, batches) -> float:
     with torch.no_grad():
         for x, y in batches:
             logits, _ = engine(x)
-            total += float(F.cross_entropy(logits.flatten(0, 1), y.flatten()))
+            total += float(F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()))
     engine.train()
     return _all_mean(total / max(len(batches), 1))
 
@@ -60,11 +101,12 @@ def train(rank: int, world: int, run: Dict, stop_event=None) -> Dict:
     deepspeed.utils.logger.setLevel(logging.WARNING)
 
     variant, steps = run["variant"], run["steps"]
-    cfg = GPTConfig(**run["model"])
+    cfg = model_config(variant, run["model"])
     torch.manual_seed(run["seed"])  # the same shared weights on every rank (experts differ per rank)
-    model = TinyGPT(cfg)
+    model = GPT(cfg, moe_factory=deepspeed_moe(run["model"]["ep_size"]))
+    seq_len = cfg.max_seq_len
     groups = [{"params": list(model.parameters()), "name": "params"}]
-    if cfg.moe != "dense":
+    if cfg.sparse == "moe":
         groups = split_params_into_different_moe_groups_for_optimizer(groups)
     optimizer = torch.optim.AdamW(groups, lr=run["lr"], betas=(0.9, 0.95), weight_decay=0.01)
     if variant == "base":  # the one difference: the config's "base_layer" section, read by our initialize()
@@ -77,7 +119,7 @@ def train(rank: int, world: int, run: Dict, stop_event=None) -> Dict:
 
     train_tokens, val_tokens = split(load_text(run["data"]))
     gen = torch.Generator().manual_seed(run["seed"] * 1000 + rank)  # each rank its own batches
-    val = eval_batches(val_tokens, run["batch"], cfg.seq_len, run["eval_batches"] * world)[rank::world]
+    val = eval_batches(val_tokens, run["batch"], seq_len, run["eval_batches"] * world)[rank::world]
     writer = None
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
@@ -87,34 +129,35 @@ def train(rank: int, world: int, run: Dict, stop_event=None) -> Dict:
         bar = tqdm(total=steps, desc=f"{variant:>5}", unit="step", dynamic_ncols=True)
     log = {"step": [], "train_loss": [], "val_step": [], "val_loss": [], "load_max_over_mean": [],
            "dropped_fraction": [], "tokens_per_expert": [], "mean_gate": [], "tokens_per_s": []}
-    tokens_per_step = run["batch"] * cfg.seq_len * world
+    tokens_per_step = run["batch"] * seq_len * world
+    counted = [m for m in model.modules() if isinstance(m, CountedMoE)]
     interrupted, t_start = False, time.perf_counter()
     for step in range(1, steps + 1):
         t0 = time.perf_counter()
-        x, y = batch(train_tokens, run["batch"], cfg.seq_len, gen)
-        logits, aux = engine(x)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-        engine.backward(loss + cfg.aux_loss_coeff * aux)
+        x, y = batch(train_tokens, run["batch"], seq_len, gen)
+        _, total_loss = engine(x, y)  # cross entropy + aux_loss_coef * aux loss (0 for BASE and dense)
+        engine.backward(total_loss)
         engine.step()
         schedule.step()
         # routing statistics of the MoE block, summed over the ranks
+        aux = model.aux_loss
+        loss = total_loss.detach() - (cfg.aux_loss_coef * aux.detach() if aux is not None else 0.0)
         counts, dropped, gate = None, 0.0, float("nan")
-        moe = model.moe_blocks()
-        if moe:
-            counts = moe[0].last_counts.detach().to(torch.float64).reshape(-1).clone()
+        if counted:
+            counts = counted[0].last_counts.detach().to(torch.float64).reshape(-1).clone()
             dist.all_reduce(counts)
             routed = counts.sum()
             if variant in ("top1", "top2"):
                 k = 1 if variant == "top1" else 2
-                capacity = math.ceil(run["batch"] * cfg.seq_len / cfg.num_experts * cfg.capacity_factor * k)
-                per_rank = moe[0].last_counts.detach().to(torch.float64).reshape(-1)
+                capacity = math.ceil(run["batch"] * seq_len / cfg.num_experts * cfg.capacity_factor * k)
+                per_rank = counted[0].last_counts.detach().to(torch.float64).reshape(-1)
                 over = torch.clamp(per_rank - max(capacity, 1), min=0).sum().reshape(1)
                 dist.all_reduce(over)
                 dropped = float(over) / float(routed)
-            stats = getattr(moe[0].mlp, "last_stats", None)
+            stats = getattr(counted[0].moe, "last_stats", None)
             if stats is not None:
                 gate = _all_mean(float(stats.mean_gate))
-        mean_loss = _all_mean(float(loss.detach()))
+        mean_loss = _all_mean(float(loss))
         stop = torch.tensor([1.0 if stop_event is not None and stop_event.is_set() else 0.0])
         dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # every rank stops at the same step
         log["step"].append(step)
@@ -147,5 +190,5 @@ def train(rank: int, world: int, run: Dict, stop_event=None) -> Dict:
         bar.close()
         writer.close()
     log.update(variant=variant, interrupted=interrupted, seconds=time.perf_counter() - t_start,
-               model=asdict(cfg), parameters=sum(p.numel() for p in model.parameters()))
+               model=cfg.to_dict(), parameters_on_rank0=sum(p.numel() for p in model.parameters()))
     return log if rank == 0 else {}
