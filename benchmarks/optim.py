@@ -14,6 +14,13 @@ local batch, so the global batch is ``ranks * batch`` windows.
 * SLAMB: :class:`base_plugin.optim.SLAMB` with ``--compression`` and ``--sync-interval``, once per
   ``--beta3`` value (default 0.93, the paper's setting, and 0.99; the authors advise tuning beta3).
 
+DeepSpeed's 1-bit LAMB (``OnebitLamb``) has no row: the installed DeepSpeed 0.19.8 does not contain it
+(no ``deepspeed/runtime/fp16/onebit/`` package, no ``onebitlamb`` in ``DEEPSPEED_OPTIMIZERS`` of
+``deepspeed/runtime/config.py``; DeepSpeed deleted the 1-bit optimizers in PR #8490 and their
+compressed-communication backends -- ``deepspeed/runtime/comm/{nccl,mpi,hccl,compressed}.py`` -- in
+#8547). Older DeepSpeed releases are not installed here, so whether it ran on gloo CPU ranks could not be
+tried.
+
 Bytes are the payload each rank handed to collectives, as counted by the optimizers' wrapper (the
 initial parameter broadcast is excluded from the per-step figure). Validation loss (nats per byte) is
 measured on rank 0's weights at the end; the run ends on an H boundary, where all replicas are
@@ -188,6 +195,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     names = []
     for o in (o.strip() for o in args.optimizers.split(",") if o.strip()):
+        if o == "onebitlamb":
+            ap.error("--optimizers: onebitlamb is not available: DeepSpeed 0.19.8 has no 1-bit LAMB (see the "
+                     "module docstring)")
         if o not in ("adamw", "lamb", "slamb"):
             ap.error(f"--optimizers: unknown {o!r} (allowed: adamw, lamb, slamb)")
         names += [f"slamb@{float(b)}" for b in args.beta3.split(",")] if o == "slamb" else [o]
