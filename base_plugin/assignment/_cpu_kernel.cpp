@@ -35,7 +35,7 @@ constexpr double kDamping = 0.3;
 constexpr int64_t kWorkingPerUnit = 16;
 constexpr int64_t kWorkingPerExpert = 4;
 constexpr int kSolveIterations = 30;
-constexpr int64_t kWorkPerThread = 1 << 17;  // scores per thread below which threads do not pay
+constexpr int64_t kWorkPerThread = 1 << 18;  // scores per thread below which threads do not pay
 constexpr double kSolveTolerance = 1e-3;
 
 template <typename T>
