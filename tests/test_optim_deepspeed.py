@@ -19,54 +19,13 @@ import torch.nn.functional as F
 import base_plugin.deepspeed  # noqa: F401  (selects DeepSpeed's CPU accelerator before deepspeed is imported)
 from base_plugin.optim import SLAMB
 from base_plugin.optim.integrations import check_deepspeed_config
+from collective_spy import CollectiveSpy
 from multirank import run_ranks
 from test_optim_slamb import LR, WD, _model, _reference_lamb, _shard
 
-pytest.importorskip("deepspeed")
+import deepspeed  # noqa: E402,F401 - installed by the test extra
 
 STEPS, H = 6, 3
-COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",
-               "reduce", "reduce_scatter", "all_to_all_single", "all_to_all", "all_reduce_coalesced", "gather",
-               "scatter", "all_gather_object", "broadcast_object_list", "barrier", "send", "recv", "isend",
-               "irecv", "_all_gather_base", "_reduce_scatter_base")
-
-
-def _nbytes(x):
-    if torch.is_tensor(x):
-        return x.numel() * x.element_size()
-    if isinstance(x, (list, tuple)):
-        return sum(_nbytes(t) for t in x)
-    return 0
-
-
-class _AllCollectives:
-    """Counts payload bytes of every torch.distributed collective called while installed."""
-
-    def __init__(self):
-        self.calls, self._orig = [], {}
-
-    def __enter__(self):
-        for name in COLLECTIVES:
-            orig = getattr(dist, name, None)
-            if orig is None:
-                continue
-            self._orig[name] = orig
-
-            def wrapped(*a, _orig=orig, _name=name, **kw):
-                first = a[0] if a else next(iter(kw.values()), None)
-                self.calls.append((_name, _nbytes(first)))
-                return _orig(*a, **kw)
-            setattr(dist, name, wrapped)
-        return self
-
-    def __exit__(self, *exc):
-        for name, orig in self._orig.items():
-            setattr(dist, name, orig)
-
-    def bytes(self):
-        return sum(b for _, b in self.calls)
-
-
 def _ds_config():
     return {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1, "train_batch_size": 16,
             "zero_optimization": {"stage": 0}, "steps_per_print": 10 ** 9}
@@ -98,7 +57,7 @@ def _run(rank, world, k, mode):
                                                  config=check_deepspeed_config(_ds_config()))
         assert engine.enable_backward_allreduce is True
     per_step, slamb_bytes = [], []
-    with _AllCollectives() as spy:
+    with CollectiveSpy() as spy:
         for t in range(1, STEPS + 1):
             before = spy.bytes()
             x, y = _shard(t, rank)
@@ -232,7 +191,7 @@ def _moe_run(rank, world):
     engine, opt, _, _ = deepspeed_initialize(model=model, optimizer=lambda p: _slamb(p, 0.1), config=_ds_config())
     worlds = {e.param.group_name if hasattr(e.param, "group_name") else "dense": e.world for e in opt._plan()}
     per_step, a2a, slamb_bytes = [], [], []
-    with _AllCollectives() as spy:
+    with CollectiveSpy() as spy:
         for t in range(1, STEPS + 1):
             first = len(spy.calls)
             x, y = _shard(t, rank)

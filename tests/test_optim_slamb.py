@@ -8,6 +8,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from base_plugin.optim import LAMB, SLAMB, CountingComm, allreduce_gradients_
+from collective_spy import CollectiveSpy
 from multirank import run_ranks
 
 LR, BETAS, EPS, WD, CLIP = 0.02, (0.9, 0.999), 1e-6, 0.01, (0.01, 1000.0)
@@ -64,35 +65,6 @@ def _packed(rank, world, fn_name, *args):
 def _run(fn, world, *args, timeout):
     return [torch.load(io.BytesIO(b), weights_only=False)
             for b in run_ranks(_packed, world, fn.__name__, *args, timeout=timeout)]
-
-
-class _Spy:
-    """Records every torch.distributed all_reduce / broadcast issued while installed (independent of SLAMB)."""
-
-    def __init__(self):
-        self.calls = []  # (op, bytes, dtype, ranks of the group)
-        self._orig = {}
-
-    def __enter__(self):
-        for name in ("all_reduce", "broadcast"):
-            orig = getattr(dist, name)
-            self._orig[name] = orig
-
-            def wrapped(tensor, *a, _orig=orig, _name=name, **kw):
-                group = kw.get("group")
-                ranks = tuple(dist.get_process_group_ranks(group)) if group is not None else \
-                    tuple(range(dist.get_world_size()))
-                self.calls.append((_name, tensor.numel() * tensor.element_size(), tensor.dtype, ranks))
-                return _orig(tensor, *a, **kw)
-            setattr(dist, name, wrapped)
-        return self
-
-    def __exit__(self, *exc):
-        for name, orig in self._orig.items():
-            setattr(dist, name, orig)
-
-    def bytes(self):
-        return sum(c[1] for c in self.calls)
 
 
 # ---------------------------------------------------------------- single process
@@ -156,7 +128,7 @@ def _dense_run(rank, world, steps):
                                             dense_threshold=0)),
             ("lamb", lambda p: LAMB(p, lr=LR, weight_decay=WD))):
         model = _model(seed=rank)  # different on each rank: the first step's broadcast must fix that
-        with _Spy() as spy:
+        with CollectiveSpy(("all_reduce", "broadcast")) as spy:
             opt = make(model.parameters())
             for t in range(1, steps + 1):
                 _train_step(model, opt, t, rank)
@@ -165,7 +137,7 @@ def _dense_run(rank, world, steps):
     # the DDP-style baseline helper: AdamW + counted dense gradient averaging
     model = _model(seed=0)
     opt, comm = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD), CountingComm()
-    with _Spy() as spy:
+    with CollectiveSpy(("all_reduce", "broadcast")) as spy:
         for t in range(1, steps + 1):
             x, y = _shard(t, rank)
             opt.zero_grad()
@@ -217,7 +189,7 @@ def _sparse_run(rank, world, steps, ckpt_at):
     model = _model(seed=0)
     params = list(model.parameters())
     traj, masks, moments, step_bytes, spy_bytes, ckpt = [], [], [], [], [], None
-    with _Spy() as spy:
+    with CollectiveSpy(("all_reduce", "broadcast")) as spy:
         opt = SLAMB(model.parameters(), **SPARSE)
         prev = 0
         for t in range(1, steps + 1):
@@ -365,7 +337,7 @@ def _expert_run(rank, world, steps):
         return shared, expert
 
     def run(shared, expert, make_opt):
-        with _Spy() as spy:
+        with CollectiveSpy(("all_reduce", "broadcast")) as spy:
             opt = make_opt()
             for t in range(1, steps + 1):
                 x, y = _shard(t, rank)
