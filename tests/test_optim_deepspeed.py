@@ -199,8 +199,8 @@ def _moe_run(rank, world):
             engine.backward(F.mse_loss(out, y) + 0.01 * l_aux)
             engine.step()
             calls = spy.calls[first:]
-            per_step.append(sum(b for op, b in calls if op != "all_to_all_single"))
-            a2a.append(sum(b for op, b in calls if op == "all_to_all_single"))
+            per_step.append(sum(c[1] for c in calls if c[0] != "all_to_all_single"))
+            a2a.append(sum(c[1] for c in calls if c[0] == "all_to_all_single"))
             slamb_bytes.append(opt.comm_stats.last_step_bytes)
     slamb_bytes[0] -= opt.comm_stats.by_kind.get("broadcast", 0)
     named = {n: p.detach().clone() for n, p in model.named_parameters()}
