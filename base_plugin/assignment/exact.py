@@ -50,7 +50,8 @@ class AssignmentResult:
     capacity: LongTensor[E].
     scores:   the scores the problem was solved on (after the non-finite rule), in the working dtype.
     info:     how the solve went (python ints): ``newton_steps``, ``working_set`` (tokens in the last
-              exact repair), ``repair_phases``, ``rounds`` (working-set attempts).
+              exact repair), ``repair_phases``, ``rounds`` (working-set rounds, torch path) and, from
+              the CPU kernel, ``price_search_us`` / ``repair_us`` (its own wall-clock split).
     """
 
     experts: torch.Tensor
@@ -172,9 +173,9 @@ def _solve_kernel(s: torch.Tensor, cap: torch.Tensor, p: torch.Tensor, span: flo
     cap = cap.contiguous()
     a = torch.empty(s.shape[0], dtype=torch.long)
     p = p.clone().contiguous()
-    steps, phases, working, search_us, repair_us = _cpu_kernel.solve(s.data_ptr(), s.shape[0], s.shape[1], cap.data_ptr(), a.data_ptr(),
-                                     p.data_ptr(), s.dtype == torch.float64,
-                                     torch.get_num_threads(), span)
+    steps, phases, working, search_us, repair_us = _cpu_kernel.solve(
+        s.data_ptr(), s.shape[0], s.shape[1], cap.data_ptr(), a.data_ptr(), p.data_ptr(),
+        s.dtype == torch.float64, torch.get_num_threads(), span)
     info.update(newton_steps=steps, working_set=working, repair_phases=phases,
                 price_search_us=int(search_us), repair_us=int(repair_us))
     return a, p
