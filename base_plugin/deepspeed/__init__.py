@@ -10,7 +10,7 @@
   :func:`parse_section` — the section's schema and validation; :mod:`.reshard` — offline resharding.
 
 On a machine without CUDA this package selects DeepSpeed's CPU accelerator (``DS_ACCELERATOR=cpu``)
-unless the variable is already set, before DeepSpeed is first imported. Needs deepspeed
+unless the variable is already set, before DeepSpeed is first imported (:func:`import_deepspeed`). Needs deepspeed
 (``pip install 'base-plugin[deepspeed]'``); names are imported on first use.
 """
 from __future__ import annotations
@@ -29,9 +29,24 @@ def _select_accelerator() -> None:
         return
     if not cuda:
         os.environ["DS_ACCELERATOR"] = "cpu"
+        os.environ["BASE_PLUGIN_SELECTED_DS_CPU"] = "1"  # processes we spawn inherit the choice
 
 
 _select_accelerator()
+
+
+def import_deepspeed():
+    """``import deepspeed``, set up for this machine: the CPU accelerator when there is no CUDA (see
+    above) and, when we selected it, without DeepSpeed's shared-memory communication op — it serves
+    CPU *inference* all-reduce, is JIT-compiled at every process start (30–45 s here), and a Ctrl-C
+    during that compile kills the run. Training with gloo does not use it."""
+    import deepspeed
+
+    if os.environ.get("BASE_PLUGIN_SELECTED_DS_CPU") == "1" and os.environ.get("DS_ACCELERATOR") == "cpu":
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed
 
 _EXPORTS = {
     "BaseMoE": "moe", "DeepSpeedExperts": "moe", "base_moe_layers": "moe", "ensure_expert_groups": "moe",
@@ -47,7 +62,7 @@ def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module 'base_plugin.deepspeed' has no attribute {name!r}")
     try:
-        import deepspeed  # noqa: F401
+        import_deepspeed()
     except ImportError as exc:
         raise ImportError("base_plugin.deepspeed needs deepspeed: pip install 'base-plugin[deepspeed]'; "
                           f"import failed with: {exc}") from exc

@@ -50,11 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    # DeepSpeed must know it runs on CPU before it is imported (here and in the spawned ranks).
-    import torch
+    import base_plugin.deepspeed  # noqa: F401 - selects DeepSpeed's CPU accelerator (inherited by the ranks)
 
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from ..launch import run_ranks
     from . import report
     from .data import load_text
@@ -74,6 +71,7 @@ def main(argv=None) -> int:
     print(f"base-plugin demo: {len(args.variants)} runs x {args.steps} steps on {args.ranks} CPU rank(s), "
           f"{args.experts} experts, outputs in {out}/  (Ctrl-C stops, checkpoints and reports)", flush=True)
     t0 = time.perf_counter()
+    failure = None
     try:
         for variant in args.variants:
             run = dict(variant=variant, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
@@ -89,9 +87,13 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         stop.set()
         print("\ninterrupted: reporting the runs so far", file=sys.stderr)
+    except Exception as exc:  # a failed run: still report the finished ones, then fail
+        failure = exc
     report.write_metrics(out, runs, settings)
     plots = report.plot(out, runs) if runs else []
     print("\n" + report.table(runs))
     print(f"\n{time.perf_counter() - t0:.0f} s; metrics: {out / 'metrics.json'}; plots: "
           + ", ".join(str(p) for p in plots) + f"; TensorBoard: tensorboard --logdir {out / 'tensorboard'}")
-    return 0
+    if failure is not None:
+        raise failure
+    return 130 if stop.is_set() or any(r.get("interrupted") for r in runs) else 0  # 130: stopped by Ctrl-C
