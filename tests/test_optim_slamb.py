@@ -54,19 +54,6 @@ def _reference_lamb(model, steps, shards):
     return [p.detach().clone() for p in params]
 
 
-def _packed(rank, world, fn_name, *args):
-    """Run ``fn_name`` and return its result serialised: tensors sent through the result queue as shared
-    memory can outlive the exiting rank badly; bytes cannot."""
-    buf = io.BytesIO()
-    torch.save(globals()[fn_name](rank, world, *args), buf)
-    return buf.getvalue()
-
-
-def _run(fn, world, *args, timeout):
-    return [torch.load(io.BytesIO(b), weights_only=False)
-            for b in run_ranks(_packed, world, fn.__name__, *args, timeout=timeout)]
-
-
 # ---------------------------------------------------------------- single process
 @pytest.mark.parametrize("kwargs, name", [
     (dict(lr=-1.0), "lr"), (dict(lr=float("nan")), "lr"), (dict(betas=(0.9, 1.0)), "betas"),
@@ -152,7 +139,7 @@ def _dense_run(rank, world, steps):
 
 def test_k1_equals_global_batch_lamb_on_two_ranks():
     steps, world = 5, 2
-    res = _run(_dense_run, world, steps, timeout=120)
+    res = run_ranks(_dense_run, world, steps, timeout=120)
     ref = _reference_lamb(_model(seed=0), steps, shards=world)
     numel = sum(p.numel() for p in _model().parameters())
     for name in ("slamb_k1_h1", "lamb"):
@@ -232,7 +219,7 @@ def _sparse_run(rank, world, steps, ckpt_at):
 
 def test_sparse_slamb_on_four_ranks():
     world, steps, ckpt_at = 4, 8, 4
-    res = _run(_sparse_run, world, steps, ckpt_at, timeout=150)
+    res = run_ranks(_sparse_run, world, steps, ckpt_at, timeout=150)
     params = list(_model().parameters())
     sparse = [p.dim() > 1 and p.numel() >= SPARSE["dense_threshold"] for p in params]
     assert sparse == [True, False, True, False, False, False]  # last weight is 48*4 = 192 < 200: dense
@@ -364,7 +351,7 @@ def _expert_run(rank, world, steps):
 
 def test_expert_params_sync_only_within_their_group():
     world, steps = 4, 4
-    res = _run(_expert_run, world, steps, timeout=150)
+    res = run_ranks(_expert_run, world, steps, timeout=150)
     n_shared = 2
     for r in range(world):
         assert "group_name='ep_size_2'" in res[r]["error"]
