@@ -13,17 +13,16 @@
 """
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-import base_plugin.deepspeed  # noqa: F401  (selects DeepSpeed's CPU accelerator before deepspeed is imported)
+import base_plugin.deepspeed  # selects DeepSpeed's CPU accelerator before deepspeed is imported
 from base_plugin.optim import SLAMB
 from base_plugin.optim.integrations import check_deepspeed_config
 from collective_spy import CollectiveSpy
 from multirank import run_ranks
 from test_optim_slamb import LR, WD, _model, _reference_lamb, _shard
 
-import deepspeed  # noqa: E402,F401 - installed by the test extra
+deepspeed = base_plugin.deepspeed.import_deepspeed()  # installed by the test extra; CPU set-up
 
 STEPS, H = 6, 3
 def _ds_config():
@@ -38,14 +37,11 @@ def _slamb(params, k):
 
 def _run(rank, world, k, mode):
     """mode: "plain" (no DeepSpeed), "engine" (deepspeed_initialize), "control" (engine all-reduce left on)."""
-    import deepspeed
-
     from base_plugin.optim.integrations import deepspeed_initialize
     deepspeed.init_distributed(dist_backend="gloo")
     model = _model(seed=0)
     if mode == "plain":
         opt = _slamb(model.parameters(), k)
-        step_fn = None
     elif mode == "engine":
         engine, opt, _, _ = deepspeed_initialize(model=model, optimizer=lambda p: _slamb(p, k),
                                                  model_parameters=model.parameters(), config=_ds_config())
@@ -181,8 +177,6 @@ class _MoENet(torch.nn.Module):
 
 
 def _moe_run(rank, world):
-    import deepspeed
-
     from base_plugin.optim.integrations import deepspeed_initialize
     deepspeed.init_distributed(dist_backend="gloo")
     torch.manual_seed(0)

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-import torch.distributed as dist
 
 from .comm import CommStats, CountingComm, group_size
 from .lamb import adam_direction, trust_ratio, update_moments_
