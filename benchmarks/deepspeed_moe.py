@@ -9,7 +9,8 @@ of ``--steps`` steps; the variants take turns within each round (after ``--warmu
 neighbours on a shared machine hits all of them alike. The variants have the same experts and the same
 parameter count (BASE's centroids [E, d] replace the top-k gate's [E, d] weight). DeepSpeed's MoE runs
 with its defaults (capacity_factor 1, dropped tokens, aux loss added to the loss); BaseMoE with exact
-assignment, with and without the token shuffle (two more all-to-alls each way). Ranks are gloo
+assignment, with and without the shuffle (two more all-to-alls in forward: score rows out, chosen
+experts back). Ranks are gloo
 processes on 127.0.0.1, ``--threads`` torch threads each. Never a timed assert: just a table.
 """
 from __future__ import annotations
@@ -56,8 +57,9 @@ def _rank(rank, world, store, args, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(args.threads)
-    import base_plugin.deepspeed  # noqa: F401  (CPU accelerator)
-    import deepspeed
+    from base_plugin.deepspeed import import_deepspeed  # the CPU accelerator where there is no CUDA
+
+    deepspeed = import_deepspeed()
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     deepspeed.init_distributed(dist_backend="gloo")
     tokens = args.micro * args.seq

@@ -8,12 +8,15 @@ times whole training steps (forward + backward, no optimizer) on 4096 tokens per
 
 * dense     — one paper expert (LayerNorm → d→ffn → act → ffn→d, residual) on every token: the same
               parameters per token as a BASE expert, and no communication;
-* base      — BaseLayer (exact balanced assignment, shuffle on, batched local experts);
+* base      — BaseLayer (exact balanced assignment, shuffle on) with its local experts as a list of
+              BaseExpert modules (one call per expert, as DeepSpeed's MoE runs them);
+* base-batched — the same with BatchedBaseExperts (stacked weights, batched matmuls);
 * ds-top1/2 — deepspeed.moe.layer.MoE with the same expert (capacity factor 1, tokens may be dropped),
-              when DeepSpeed is installed (DS_ACCELERATOR=cpu is set here).
+              when DeepSpeed is installed (through base_plugin.deepspeed, which selects its CPU accelerator).
 
 tokens/s counts every rank's tokens. For BaseLayer it also times its parts in isolation: the solver on
-the same scores, the token all-to-alls (forward + backward) and the experts (forward + backward).
+the same scores, the token all-to-alls (forward + backward) and the experts (forward + backward);
+"rest" is everything else (score shuffle, gate, sorting, count exchanges).
 Numbers on a shared machine are noisy; nothing here asserts a time.
 """
 from __future__ import annotations
@@ -27,8 +30,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -36,18 +37,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _timed(fn, steps: int, warmup: int, group=None) -> float:
-    """Median seconds of fn() over ``steps`` runs (after ``warmup``), ranks lined up by a barrier."""
+def _timed(fns: dict, steps: int, warmup: int, group=None) -> dict:
+    """Median seconds of each fn() over ``steps`` rounds (after ``warmup``), ranks lined up by a barrier.
+
+    The functions take turns within every round, so slow phases of a shared machine (this VM's speed
+    drifts by up to 30 % over tens of seconds) hit every variant alike instead of whichever ran then.
+    """
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
     for _ in range(steps):
-        if group is not None:
-            dist.barrier()
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
+        for name, fn in fns.items():
+            if group is not None:
+                dist.barrier()
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def _init(rank: int, world: int, port: int) -> bool:
@@ -55,8 +62,9 @@ def _init(rank: int, world: int, port: int) -> bool:
                       WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     try:
-        import deepspeed
+        from base_plugin.deepspeed import import_deepspeed
 
+        deepspeed = import_deepspeed()
         deepspeed.init_distributed(dist_backend="gloo", verbose=False)
         return True
     except ImportError:
@@ -75,7 +83,6 @@ def _rank(rank, world, port, args, num_experts, queue):
     torch.manual_seed(rank)
     d, n = args.d, args.tokens
     x = torch.randn(n, d, requires_grad=True)
-    results = {}
 
     def step(module, unpack=lambda y: y):
         def run():
@@ -83,19 +90,27 @@ def _rank(rank, world, port, args, num_experts, queue):
             y.float().sum().backward()
         return run
 
-    dense = BaseExpert(d, args.ffn)
-    results["dense"] = _timed(step(dense), args.steps, args.warmup, group)
-
     local = num_experts // world
-    layer = BaseLayer(d, BatchedBaseExperts(local, d, args.ffn), num_experts)
-    with torch.no_grad():  # as after some training: experts are not the identity
-        for s in layer.experts.sublayers:
-            s.w2.normal_(0, 0.02)
-    results["base"] = _timed(step(layer), args.steps, args.warmup, group)
+    layers = {"dense": BaseExpert(d, args.ffn),
+              "base": BaseLayer(d, [BaseExpert(d, args.ffn) for _ in range(local)], num_experts),
+              "base-batched": BaseLayer(d, BatchedBaseExperts(local, d, args.ffn), num_experts)}
+    for layer in layers.values():
+        with torch.no_grad():  # as after some training: experts are not the identity
+            for p in layer.parameters():
+                if not p.any():
+                    p.normal_(0, 0.02)
+    steps = {name: step(layer) for name, layer in layers.items()}
+    if have_ds and not args.no_deepspeed:
+        from deepspeed.moe.layer import MoE
 
-    # BaseLayer's parts, each alone
+        for k in (1, 2):
+            moe = MoE(d, BaseExpert(d, args.ffn), num_experts=num_experts, ep_size=world, k=k)
+            steps[f"ds-top{k}"] = step(moe, lambda out: out[0] + 0 * out[1])
+
+    # BaseLayer's parts, each alone: the solver on scores of the same size, the token dispatch there
+    # and back (forward + backward), the experts on an even split
     scores = (x.detach() @ torch.randn(num_experts, d).t())
-    parts = {"solver": _timed(lambda: solve_balanced_assignment(scores), args.steps, 1)}
+    steps["solver"] = lambda: solve_balanced_assignment(scores)
     if world > 1:
         even = torch.full((world,), n // world, dtype=torch.long)
 
@@ -103,19 +118,12 @@ def _rank(rank, world, port, args, num_experts, queue):
             y, *_ = exchange(x, even, group)
             back, *_ = exchange(y, even, group)
             back.sum().backward()
-        parts["all-to-all"] = 2 * _timed(a2a, args.steps, 1, group)  # shuffle + expert dispatch, each a round trip
-    else:
-        parts["all-to-all"] = 0.0
+        steps["all-to-all"] = a2a
     even_counts = [n // local] * local
-    parts["experts"] = _timed(lambda: layer.experts(x, even_counts).sum().backward(), args.steps, 1)
-    results["base parts"] = parts
+    steps["experts"] = lambda: layers["base"].experts(x, even_counts).sum().backward()
 
-    if have_ds and not args.no_deepspeed:
-        from deepspeed.moe.layer import MoE
-
-        for k in (1, 2):
-            moe = MoE(d, BaseExpert(d, args.ffn), num_experts=num_experts, ep_size=world, k=k)
-            results[f"ds-top{k}"] = _timed(step(moe, lambda out: out[0] + 0 * out[1]), args.steps, args.warmup, group)
+    results = _timed(steps, args.steps, args.warmup, group)
+    results["base parts"] = {part: results.pop(part, 0.0) for part in ("solver", "all-to-all", "experts")}
     if rank == 0:
         queue.put(results)
     dist.barrier()
@@ -145,7 +153,7 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=4096, help="tokens per rank")
     ap.add_argument("--experts", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=9)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads split between ranks")
     ap.add_argument("--timeout", type=float, default=1800)
@@ -154,16 +162,16 @@ def main(argv=None):
 
     print(f"d={args.d} ffn={args.ffn} tokens/rank={args.tokens} threads={args.threads} "
           f"(cpus={os.cpu_count()}, load={os.getloadavg()[0]:.1f}); median of {args.steps} steps")
-    print(f"{'ranks':>5} {'experts':>7} {'layer':<8} {'ms/step':>9} {'tokens/s':>10} {'vs dense':>8}")
+    print(f"{'ranks':>5} {'experts':>7} {'layer':<12} {'ms/step':>9} {'tokens/s':>10} {'vs dense':>8}")
     breakdown = []
     for world in args.ranks:
         for e in args.experts:
             res = run_config(world, e, args)
             tokens = world * args.tokens
-            for name in ("dense", "base", "ds-top1", "ds-top2"):
+            for name in ("dense", "base", "base-batched", "ds-top1", "ds-top2"):
                 if name in res:
                     t = res[name]
-                    print(f"{world:>5} {e:>7} {name:<8} {1e3 * t:>9.1f} {tokens / t:>10.0f} {res['dense'] / t:>8.2f}")
+                    print(f"{world:>5} {e:>7} {name:<12} {1e3 * t:>9.1f} {tokens / t:>10.0f} {res['dense'] / t:>8.2f}")
             breakdown.append((world, e, res["base"], res["base parts"]))
     print("\nBaseLayer, where the time goes (parts timed alone, ms per step)")
     print(f"{'ranks':>5} {'experts':>7} {'total':>8} {'solver':>8} {'all-to-all':>10} {'experts':>8} {'rest':>8}")

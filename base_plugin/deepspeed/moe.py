@@ -71,20 +71,7 @@ class DeepSpeedExperts(GroupedExperts):
 
 
 class _ExpertCentroidLayer(BaseLayer):
-    """BaseLayer whose centroids live on the expert modules, one ``base_centroid`` [d] per expert.
-
-    ``self.centroids`` stays the [local experts, d] tensor the BaseLayer computes with (a differentiable
-    stack of the per-expert parameters), so routing and the gate are BaseLayer's own code.
-    """
-
-    @property
-    def centroids(self):
-        if "centroids" in self._parameters:  # during BaseLayer.__init__
-            return self._parameters["centroids"]
-        experts = self.__dict__.get("_modules", {}).get("experts")
-        if experts is None or not hasattr(experts.deepspeed_experts[0], CENTROID):
-            raise AttributeError("centroids")
-        return torch.stack([getattr(e, CENTROID) for e in experts.deepspeed_experts])
+    """BaseLayer whose centroids live on the expert modules, one ``base_centroid`` [d] per expert."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -93,6 +80,9 @@ class _ExpertCentroidLayer(BaseLayer):
             p = nn.Parameter(row.clone())
             mark_expert_parameters([p], self.group_name)
             expert.register_parameter(CENTROID, p)
+
+    def local_centroids(self) -> List[torch.Tensor]:
+        return [getattr(e, CENTROID) for e in self.experts.deepspeed_experts]
 
 
 def _check_positive(name, value):

@@ -1,27 +1,20 @@
 """The BASE layer (Lewis et al. 2021): balanced assignment of tokens to experts, expert-parallel."""
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..assignment import default_capacity, greedy_assignment, solve_balanced_assignment
-from .all_to_all import all_to_all, exchange, exchange_counts
+from .all_to_all import all_to_all, exchange_counts
 from .experts import ExpertList, GroupedExperts
 from .groups import expert_group_name, mark_expert_parameters, resolve_group
+from .permute import Permutation
+from .routing import Router, check_router, route_shuffled
 from .stats import RoutingStats
 
-Router = Union[str, Callable[[torch.Tensor], torch.Tensor]]
-_ROUTERS = ("exact", "greedy")
 _CENTROID_GAIN = 0.1  # small centroids: the gate starts near 1/2 and tokens are spread by direction only
-
-
-def _inverse(perm: torch.Tensor) -> torch.Tensor:
-    inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(perm.numel(), device=perm.device)
-    return inv
 
 
 class BaseLayer(nn.Module):
@@ -30,11 +23,14 @@ class BaseLayer(nn.Module):
     ``forward(x)``: x is a float Tensor[..., d_model] (any leading shape, possibly 0 tokens, a different
     number of tokens on every rank); returns Tensor of the same shape and dtype. Per call:
 
-    1. tokens are flattened and, when training with ``shuffle=True``, randomly permuted and spread
-       evenly over the expert-parallel group (as in the paper, so a rank's batch is not one domain);
-    2. scores ``x · cᵀ`` against the centroids of all ``num_experts`` experts (no gradient);
+    1. tokens are flattened; scores ``x · cᵀ`` against the centroids of all ``num_experts`` experts
+       (no gradient);
+    2. when training with ``shuffle=True``, the score rows are dealt out at random and evenly over the
+       expert-parallel group, as the paper shuffles tokens so that a rank's routing problem is not one
+       domain (:func:`~base_plugin.layer.routing.route_shuffled`: the hidden states themselves wait
+       and later go straight to their expert);
     3. routing: training → ``assignment`` (default exact balanced assignment *per rank*: every expert
-       gets ``n // E`` or ``n // E + 1`` of this rank's n tokens); not training → ``inference``
+       gets ``n // E`` or ``n // E + 1`` of the n rows this rank routes); not training → ``inference``
        (default greedy argmax);
     4. tokens go to their expert's rank with ``all_to_all_single`` (counts exchanged first);
     5. ``y = α·f_e(x) + (1 − α)·x`` with ``α = σ(x · c_e)`` — the centroids learn through the gate only;
@@ -65,10 +61,10 @@ class BaseLayer(nn.Module):
     all carry ``allreduce = False`` and ``group_name`` (see :mod:`base_plugin.layer.groups`), i.e. they
     are reduced only over the ranks that hold the same experts (the expert-data-parallel group).
 
-    Collectives per call on ``group``: one all_gather (centroids and the mode check; the first call
-    adds one all_gather of sizes), then per
-    exchange one count all_to_all and one token all_to_all (2 exchanges, 4 with the shuffle); backward
-    repeats the token all_to_alls in reverse. Every rank of the group must call forward (and backward)
+    Collectives per call on ``group``: one all_gather (centroids, token counts and the mode check; the
+    first call adds one all_gather of sizes), with the shuffle two all_to_alls of score rows and chosen
+    experts, then one count all_to_all and the two token all_to_alls (to the experts and back); backward
+    runs the two token all_to_alls in reverse. Every rank of the group must call forward (and backward)
     the same number of times, whatever its number of tokens.
 
     Raises ValueError for: a bad hidden size of ``x``; ``num_experts`` not divisible by W; a number of
@@ -101,8 +97,7 @@ class BaseLayer(nn.Module):
             raise ValueError(f"experts have d_model={experts.d_model}, the layer has d_model={d_model}")
         self.experts = experts
         for name, router in (("assignment", assignment), ("inference", inference)):
-            if not callable(router) and router not in _ROUTERS:
-                raise ValueError(f"{name} must be one of {_ROUTERS} or a callable, got {router!r}")
+            check_router(name, router, "BaseLayer")
         self.shuffle, self.assignment, self.inference = shuffle, assignment, inference
 
         # Every rank draws the full [E, d] matrix and keeps its rows, so with a common seed the
@@ -119,46 +114,48 @@ class BaseLayer(nn.Module):
         return (f"d_model={self.d_model}, num_experts={self.num_experts}, ep_size={self.world}, "
                 f"shuffle={self.shuffle}, assignment={self.assignment!r}, inference={self.inference!r}")
 
-    def _check_sizes(self) -> None:
+    def local_centroids(self) -> List[torch.Tensor]:
+        """This rank's experts' centroids as ``num_local`` differentiable Tensors[d], local expert order.
+
+        The one place the layer reads its centroids; a subclass that keeps them elsewhere (e.g. one
+        parameter per expert module) overrides this.
+        """
+        return list(self.centroids.unbind(0))
+
+    def _check_sizes(self, device: torch.device) -> None:
         """Once: all ranks of the group hold the same sizes (else the collectives below could not match)."""
         mine = torch.tensor([self.d_model, self.num_experts, self.num_local], dtype=torch.long)
         rows = [torch.empty_like(mine) for _ in range(self.world)]
-        dist.all_gather(rows, mine.to(self.centroids.device), group=self.group)
+        dist.all_gather(rows, mine.to(device), group=self.group)
         sizes = torch.stack(rows).cpu()
         if not bool((sizes == mine).all()):
             raise ValueError("ranks of the expert-parallel group disagree on (d_model, num_experts, local experts): "
                              f"{sizes.tolist()}")
         self._sizes_checked = True
 
-    def _gather_centroids(self, shuffling: bool) -> torch.Tensor:
-        """All centroids [E, d] (detached, float64), checking that the group agrees on the mode."""
-        local = self.centroids.detach().to(torch.float64)
+    def _gather_centroids(self, local: List[torch.Tensor], shuffling: bool, n: int
+                          ) -> Tuple[torch.Tensor, Optional[List[int]]]:
+        """All centroids [E, d] (detached, float64) and every group rank's token count (None without a
+        group), checking that the group agrees on the mode."""
+        local = torch.stack([c.detach() for c in local]).to(torch.float64)
         if self.group is None:
-            return local
+            return local, None
         if not self._sizes_checked:
-            self._check_sizes()
-        # One extra row carries what must match on every rank, so a mismatch raises everywhere
-        # instead of leaving some ranks waiting in a collective the others never enter.
+            self._check_sizes(local.device)
+        # One extra row carries what must match on every rank, so a mismatch raises everywhere instead
+        # of leaving some ranks waiting in a collective the others never enter, and the token count
+        # the shuffle needs: training + 2·shuffling + 4·n, exact in float64 up to n = 2**50.
         header = local.new_zeros(1, self.d_model)
-        header[0, 0] = float(self.training) + 2.0 * float(shuffling)
+        header[0, 0] = float(self.training) + 2.0 * float(shuffling) + 4.0 * n
         mine = torch.cat([header, local])
         rows = [torch.empty_like(mine) for _ in range(self.world)]
         dist.all_gather(rows, mine, group=self.group)
-        modes = torch.stack([r[0, 0] for r in rows])
-        if not bool((modes == modes[self.rank]).all()):
+        packed = torch.stack([r[0, 0] for r in rows]).to(torch.long).tolist()
+        modes, sizes = [v % 4 for v in packed], [v // 4 for v in packed]
+        if any(m != modes[self.rank] for m in modes):
             raise ValueError("ranks of the expert-parallel group disagree on the mode "
-                             f"(per rank: training + 2 * shuffling = {modes.tolist()})")
-        return torch.cat([r[1:] for r in rows])
-
-    def _route(self, scores: torch.Tensor):
-        router = self.assignment if self.training else self.inference
-        zero = scores.new_zeros(())
-        if router == "exact":
-            result = solve_balanced_assignment(scores)
-            return result.experts, result.objective.to(scores.dtype), result.gap.to(scores.dtype)
-        experts = greedy_assignment(scores) if router == "greedy" else router(scores).to(torch.long)
-        objective = scores.gather(1, experts[:, None]).sum()
-        return experts, objective, (zero if router == "greedy" else zero + float("nan"))
+                             f"(per rank: training + 2 * shuffling = {modes})")
+        return torch.cat([r[1:] for r in rows]), sizes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 1 or x.shape[-1] != self.d_model:
@@ -166,18 +163,15 @@ class BaseLayer(nn.Module):
         shape, dev = x.shape, x.device
         h = x.reshape(-1, self.d_model)
         shuffling = self.shuffle and self.training and self.group is not None
-        centroids = self._gather_centroids(shuffling)
-
-        if shuffling:
-            perm = torch.randperm(h.shape[0], device=dev)
-            even = default_capacity(h.shape[0], self.world, dev)
-            h, _, shuffle_send, shuffle_recv = exchange(h[perm], even, self.group)
+        centroids = self.local_centroids()
+        everyone, sizes = self._gather_centroids(centroids, shuffling, h.shape[0])
 
         with torch.no_grad():
-            scores = h.detach() @ centroids.to(h.dtype).t()
-            expert, objective, gap = self._route(scores)
-        order = torch.argsort(expert, stable=True)
-        per_expert = torch.bincount(expert, minlength=self.num_experts)
+            scores = h.detach() @ everyone.to(h.dtype).t()
+            routing = route_shuffled(scores, self.assignment if self.training else self.inference,
+                                     self.group if shuffling else None, sizes)
+        by_expert = Permutation.sorting(routing.experts)
+        per_expert = torch.bincount(routing.experts, minlength=self.num_experts)
         recv_counts = exchange_counts(per_expert, self.group)
         local_counts = recv_counts.view(self.world, self.num_local).sum(0)
         # the one host synchronisation of the dispatch: split sizes per rank, tokens per local expert
@@ -185,28 +179,27 @@ class BaseLayer(nn.Module):
                           local_counts]).tolist()
         send_splits, recv_splits = host[:self.world], host[self.world:2 * self.world]
         counts = host[2 * self.world:]
-        routed = all_to_all(h[order], send_splits, recv_splits, self.group)
+        routed = all_to_all(by_expert.apply(h), send_splits, recv_splits, self.group)
 
         # Received rows are ordered (source rank, local expert); the experts want them by local expert.
-        local_id = torch.arange(self.num_local, device=dev)
-        if self.num_local > 1:
-            ids = torch.repeat_interleave(local_id.repeat(self.world), recv_counts, output_size=routed.shape[0])
-            regroup = torch.argsort(ids, stable=True)
-            routed = routed[regroup]
-        ids = torch.repeat_interleave(local_id, local_counts, output_size=routed.shape[0])
-        gate = torch.sigmoid((routed * self.centroids.to(routed.dtype)[ids]).sum(-1, keepdim=True))
-        out = gate * self.experts(routed, counts) + (1 - gate) * routed
-        if self.num_local > 1:
-            out = out[_inverse(regroup)]
-
-        out = all_to_all(out, recv_splits, send_splits, self.group)[_inverse(order)]
-        if shuffling:
-            out = all_to_all(out, shuffle_recv, shuffle_send, self.group)[_inverse(perm)]
+        by_local = None
+        if self.world > 1 and self.num_local > 1:
+            local_id = torch.arange(self.num_local, device=dev).repeat(self.world)
+            by_local = Permutation.sorting(
+                torch.repeat_interleave(local_id, recv_counts, output_size=routed.shape[0]))
+            routed = by_local.apply(routed)
+        # α = σ(x · c_e), one matrix-vector product per local expert: the centroids learn through it
+        logits = [chunk @ c.to(chunk.dtype) for chunk, c in zip(routed.split(counts), centroids)]
+        gate = torch.sigmoid(torch.cat(logits)).unsqueeze(-1)
+        out = torch.lerp(routed, self.experts(routed, counts), gate)  # α·f_e(x) + (1 − α)·x, fused
+        if by_local is not None:
+            out = by_local.undo(out)
+        out = by_expert.undo(all_to_all(out, recv_splits, send_splits, self.group))
 
         sent = per_expert.view(self.world, self.num_local).sum(1)
         self.last_stats = RoutingStats(
-            tokens_per_expert=per_expert.detach(), tokens_received=local_counts.detach(),
-            objective=objective.detach(), gap=gap.detach(),
-            mean_gate=gate.detach().sum() / max(gate.shape[0], 1),
+            tokens_per_expert=torch.bincount(routing.solved, minlength=self.num_experts).detach(),
+            tokens_received=local_counts.detach(), objective=routing.objective.detach(),
+            gap=routing.gap.detach(), mean_gate=gate.detach().sum() / max(gate.shape[0], 1),
             tokens_moved=sent.sum() - sent[self.rank])
         return out.reshape(shape)

@@ -37,7 +37,7 @@ from . import _require_megatron
 
 _require_megatron()
 
-from typing import Callable, Dict, Optional, Union
+from typing import Dict, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -46,12 +46,11 @@ from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from ..assignment import default_capacity, greedy_assignment, solve_balanced_assignment
+from ..layer.routing import Router as RouterChoice
+from ..layer.routing import check_router, route, route_shuffled
 
 LOAD_BALANCING_TYPE = "base"
-_ROUTERS = ("exact", "greedy")
 _SHUFFLE_GROUPS = ("tp_dp_cp", "ep")
-RouterChoice = Union[str, Callable[[torch.Tensor], torch.Tensor]]
 
 
 def _aux_coeffs(config: TransformerConfig):
@@ -101,13 +100,6 @@ def check_base_config(config: TransformerConfig) -> None:
         bad("moe_enable_routing_replay", True, "False")
 
 
-def _send_back(values: torch.Tensor, send_splits, recv_splits, group) -> torch.Tensor:
-    out = values.new_empty((sum(send_splits),) + tuple(values.shape[1:]))
-    dist.all_to_all_single(out, values.contiguous(), output_split_sizes=list(send_splits),
-                           input_split_sizes=list(recv_splits), group=group)
-    return out
-
-
 class BaseRouter(TopKRouter):
     """Megatron-core router for BASE layers (top-1, exact balanced assignment per rank, sigmoid gate).
 
@@ -141,8 +133,7 @@ class BaseRouter(TopKRouter):
                  inference: RouterChoice = "greedy") -> None:
         check_base_config(config)
         for name, choice in (("assignment", assignment), ("inference", inference)):
-            if not callable(choice) and choice not in _ROUTERS:
-                raise ValueError(f"BaseRouter: {name} must be one of {_ROUTERS} or a callable, got {choice!r}")
+            check_router(name, choice, "BaseRouter")
         if isinstance(shuffle_group, str) and shuffle_group not in _SHUFFLE_GROUPS:
             raise ValueError(f"BaseRouter: shuffle_group must be one of {_SHUFFLE_GROUPS} or a ProcessGroup, "
                              f"got {shuffle_group!r}")
@@ -175,41 +166,18 @@ class BaseRouter(TopKRouter):
         return logits
 
     # -- assignment -------------------------------------------------------------------------------
-    def _solve(self, scores: torch.Tensor):
-        """(experts LongTensor[n], objective, gap) for scores [n, E] (no grad)."""
-        choice = self.assignment if self.training else self.inference
-        if choice == "exact":
-            result = solve_balanced_assignment(scores)
-            return result.experts, result.objective, result.gap
-        experts = greedy_assignment(scores) if choice == "greedy" else choice(scores).to(torch.long)
-        objective = scores.gather(1, experts[:, None]).sum() if scores.shape[0] else scores.new_zeros(())
-        return experts, objective, scores.new_zeros(()) + (0.0 if choice == "greedy" else float("nan"))
-
     def _shuffling(self) -> bool:
         g = self.shuffle_group
         return (self.shuffle and self.training and g is not None and dist.is_initialized()
                 and dist.get_world_size(g) > 1)
 
     def _assign(self, scores: torch.Tensor):
-        """Experts for the rows of ``scores`` [n, E], solved here or, when shuffling, on random ranks."""
+        """:class:`~base_plugin.layer.routing.Routing` of the rows of ``scores`` [n, E]: solved here or,
+        when shuffling, on random ranks of ``shuffle_group``."""
+        choice = self.assignment if self.training else self.inference
         if not self._shuffling():
-            return self._solve(scores)
-        group = self.shuffle_group
-        world = dist.get_world_size(group)
-        n = scores.shape[0]
-        perm = torch.randperm(n, device=scores.device)
-        send_counts = default_capacity(n, world, scores.device)  # deal the shuffled rows out evenly
-        recv_counts = torch.empty_like(send_counts)
-        dist.all_to_all_single(recv_counts, send_counts, group=group)
-        splits = torch.stack([send_counts, recv_counts]).tolist()  # the one host sync of the shuffle
-        received = scores.new_empty(sum(splits[1]), scores.shape[1])
-        dist.all_to_all_single(received, scores[perm].contiguous(), output_split_sizes=splits[1],
-                               input_split_sizes=splits[0], group=group)
-        experts, objective, gap = self._solve(received)
-        back = _send_back(experts, splits[0], splits[1], group)
-        out = torch.empty_like(back)
-        out[perm] = back
-        return out, objective, gap, experts
+            return route(scores, choice)
+        return route_shuffled(scores, choice, self.shuffle_group)
 
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         """``(probs [T, E], routing_map [T, E] bool)`` from logits [..., E]; see the class docstring."""
@@ -218,9 +186,8 @@ class BaseRouter(TopKRouter):
         valid = None if padding_mask is None else ~padding_mask.reshape(-1).to(torch.bool)
         with torch.no_grad():
             scores = logits.detach() if valid is None else logits.detach()[valid]
-            solved = self._assign(scores)
-        experts, objective, gap = solved[:3]
-        routed = solved[3] if len(solved) > 3 else experts  # the experts of the tokens this rank solved
+            routing = self._assign(scores)
+        experts = routing.experts
         if valid is not None:
             full = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
             full[valid] = experts
@@ -234,9 +201,9 @@ class BaseRouter(TopKRouter):
             probs = probs * valid[:, None].to(probs.dtype)
         n_valid = routing_map.sum()
         self.last_stats = {
-            "tokens_per_expert": torch.bincount(routed, minlength=num_experts).detach(),
-            "objective": objective.detach(),
-            "gap": gap.detach(),
+            "tokens_per_expert": torch.bincount(routing.solved, minlength=num_experts).detach(),
+            "objective": routing.objective.detach(),
+            "gap": routing.gap.detach(),
             "mean_gate": (probs.detach().sum() / n_valid.clamp(min=1)),
         }
         return probs, routing_map

@@ -320,8 +320,10 @@ class GPT(nn.Module):
             torch.distributed is initialised, else one process holding every expert). Each rank builds
             only its ``num_experts / W`` local experts.
         moe_factory: builds the MoE module for block ``i`` when ``cfg.sparse == "moe"``.
-        batched_experts: BASE experts as one :class:`~base_plugin.layer.BatchedBaseExperts` (batched
-            matmuls) rather than a list of :class:`~base_plugin.layer.BaseExpert` (same parameter count).
+        batched_experts: BASE experts as one :class:`~base_plugin.layer.BatchedBaseExperts` (stacked
+            weights, batched matmuls) rather than a list of :class:`~base_plugin.layer.BaseExpert` (same
+            parameter count). Default False: on CPU the list is the faster form (see
+            :mod:`base_plugin.layer.experts`).
 
     ``self.layers`` is a ModuleList of :class:`Block` and :class:`Inserted` in order, so an inserted
     layer is ``layers.<i>`` (``layer_names()`` lists them — what a DeepSpeed ``"base_layer"."modules"``
@@ -329,7 +331,7 @@ class GPT(nn.Module):
     """
 
     def __init__(self, cfg: GPTConfig, *, group=None, moe_factory: Optional[MoEFactory] = None,
-                 batched_experts: bool = True):
+                 batched_experts: bool = False):
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)

@@ -1,0 +1,100 @@
+"""Routing decisions of a BASE layer: the expert of every token, from its scores against the centroids.
+
+* :func:`route` — one rank's scores ``[n, E]``: exact balanced assignment, greedy argmax or a callable.
+* :func:`route_shuffled` — the paper's random shuffle across a process group, done on the scores: this
+  rank's score rows are dealt out at random and evenly over the group, every rank routes the rows it
+  received, and the chosen experts travel back to the rows' owners. Each rank thus solves the
+  assignment of a random mix of the group's tokens, as in the paper, while the hidden states stay where
+  they are until they go straight to their expert (E numbers per token travel instead of d, and the
+  two hidden-state all-to-alls of a token shuffle and its backward disappear).
+
+Used by :class:`~base_plugin.layer.BaseLayer` and by the Megatron router.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+
+from ..assignment import default_capacity, greedy_assignment, solve_balanced_assignment
+
+ROUTERS = ("exact", "greedy")
+Router = Union[str, Callable[[torch.Tensor], torch.Tensor]]
+
+
+def check_router(name: str, choice: Router, owner: str) -> None:
+    """ValueError naming ``owner`` and ``name`` unless ``choice`` is one of :data:`ROUTERS` or a callable."""
+    if not callable(choice) and choice not in ROUTERS:
+        raise ValueError(f"{owner}: {name} must be one of {ROUTERS} or a callable, got {choice!r}")
+
+
+@dataclass
+class Routing:
+    """experts: LongTensor[n], the expert of each row of the scores this rank passed in.
+    solved: LongTensor[m], the experts this rank chose for the rows it routed itself (the shuffled rows
+    it received, or its own rows without a shuffle; exactly balanced for exact routing).
+    objective: 0-d, sum of the chosen scores of the ``solved`` rows (score dtype).
+    gap: 0-d, the solver's certificate dual bound − objective (≈ 0 when exact), 0 for greedy, NaN for
+    a callable."""
+
+    experts: torch.Tensor
+    solved: torch.Tensor
+    objective: torch.Tensor
+    gap: torch.Tensor
+
+
+def route(scores: torch.Tensor, choice: Router) -> Routing:
+    """Route the rows of ``scores`` [n, E] (no grad needed) on this rank alone.
+
+    ``choice``: ``"exact"`` (balanced: every expert gets ``n // E`` or ``n // E + 1`` rows),
+    ``"greedy"`` (argmax) or a callable ``scores -> LongTensor[n]``.
+    """
+    if choice == "exact":
+        result = solve_balanced_assignment(scores)
+        return Routing(result.experts, result.experts, result.objective.to(scores.dtype), result.gap.to(scores.dtype))
+    experts = greedy_assignment(scores) if choice == "greedy" else choice(scores).to(torch.long)
+    objective = scores.gather(1, experts[:, None]).sum() if scores.shape[0] else scores.new_zeros(())
+    gap = scores.new_zeros(()) + (0.0 if choice == "greedy" else float("nan"))
+    return Routing(experts, experts, objective, gap)
+
+
+def _all_to_all(values: torch.Tensor, send_splits, recv_splits, group) -> torch.Tensor:
+    out = values.new_empty((sum(recv_splits),) + tuple(values.shape[1:]))
+    dist.all_to_all_single(out, values.contiguous(), output_split_sizes=list(recv_splits),
+                           input_split_sizes=list(send_splits), group=group)
+    return out
+
+
+def route_shuffled(scores: torch.Tensor, choice: Router, group: Optional[dist.ProcessGroup],
+                   sizes: Optional[Sequence[int]] = None) -> Routing:
+    """:func:`route` after dealing the rows of ``scores`` [n, E] out at random over ``group``.
+
+    Collective over ``group``: every member must call it, with any n (0 included). Three
+    ``all_to_all_single`` (counts, score rows, experts back), or two when ``sizes`` — the number of
+    score rows of every group rank, in group rank order — is given (the caller already exchanged it).
+    The random permutation comes from torch's global generator on this rank. ``group`` None or of
+    size 1: plain :func:`route`.
+    """
+    if group is None or dist.get_world_size(group) == 1:
+        return route(scores, choice)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    n = scores.shape[0]
+    perm = torch.randperm(n, device=scores.device)
+    send_counts = default_capacity(n, world, scores.device)  # the shuffled rows, dealt out evenly
+    if sizes is None:
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts, group=group)
+        send_splits, recv_splits = torch.stack([send_counts, recv_counts]).tolist()  # one host sync
+    else:
+        if len(sizes) != world or sizes[rank] != n:
+            raise ValueError(f"sizes={list(sizes)} does not fit a group of {world} ranks with {n} rows on rank {rank}")
+        send_splits = send_counts.tolist()
+        recv_splits = [m // world + (rank < m % world) for m in sizes]
+    received = _all_to_all(scores[perm], send_splits, recv_splits, group)
+    mine = route(received, choice)
+    back = _all_to_all(mine.solved, recv_splits, send_splits, group)
+    experts = torch.empty_like(back)
+    experts[perm] = back
+    return Routing(experts, mine.solved, mine.objective, mine.gap)

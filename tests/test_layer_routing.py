@@ -1,0 +1,104 @@
+"""The routing pieces under BaseLayer and the Megatron router: route, route_shuffled, Permutation."""
+import pytest
+import torch
+import torch.distributed as dist
+
+from base_plugin.assignment import balanced_assignment, default_capacity
+from base_plugin.layer.permute import Permutation
+from base_plugin.layer.routing import check_router, route, route_shuffled
+from multirank import run_ranks
+
+E = 4
+SIZES = (0, 7, 13, 30)  # rows per rank: an empty rank, uneven counts, N % E != 0
+
+
+def _scores(rank: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(100 + rank)
+    return torch.randn(SIZES[rank], E, generator=g, dtype=torch.float64)
+
+
+def _shuffle_job(rank, world):
+    scores = _scores(rank)
+    torch.manual_seed(7 + rank)
+    counted = route_shuffled(scores, "exact", dist.group.WORLD)
+    torch.manual_seed(7 + rank)  # the same permutation, the counts given instead of exchanged
+    given = route_shuffled(scores, "exact", dist.group.WORLD, sizes=list(SIZES[:world]))
+    try:
+        route_shuffled(scores, "exact", dist.group.WORLD, sizes=[1] * world)
+        error = None
+    except ValueError as e:
+        error = str(e)
+    return dict(counted=counted.experts, solved=counted.solved, objective=counted.objective,
+                given=given.experts, given_solved=given.solved, error=error)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_route_shuffled_routes_every_row_once_and_balances_every_rank(world):
+    out = run_ranks(_shuffle_job, world, timeout=120)
+    total = sum(SIZES[:world])
+    for k in range(world):
+        assert torch.equal(out[k]["counted"], out[k]["given"])
+        assert torch.equal(out[k]["solved"], out[k]["given_solved"])
+        assert out[k]["counted"].shape == (SIZES[k],)
+        solved = out[k]["solved"]  # each rank balanced exactly the rows it was dealt
+        assert torch.bincount(solved, minlength=E).tolist() == default_capacity(solved.numel(), E).tolist()
+        assert "does not fit a group" in out[k]["error"]
+    assert sum(out[k]["solved"].numel() for k in range(world)) == total
+    # Rebuild the deal from the seeds: rank k received, from every rank j in order, its share of j's
+    # permuted rows; it must have solved exactly those rows, and each row's owner got that answer back.
+    perms = []
+    for j in range(world):
+        torch.manual_seed(7 + j)
+        perms.append(torch.randperm(SIZES[j]))
+    shares = [default_capacity(SIZES[j], world).tolist() for j in range(world)]
+    expected = [torch.empty(SIZES[j], dtype=torch.long) for j in range(world)]
+    for k in range(world):
+        rows = [(j, perms[j][sum(shares[j][:k]):sum(shares[j][:k + 1])]) for j in range(world)]
+        received = torch.cat([_scores(j)[idx] for j, idx in rows])
+        solved = balanced_assignment(received).long()
+        assert torch.equal(out[k]["solved"], solved)
+        torch.testing.assert_close(out[k]["objective"], received.gather(1, solved[:, None]).sum())
+        start = 0
+        for j, idx in rows:
+            expected[j][idx] = solved[start:start + idx.numel()]
+            start += idx.numel()
+    for j in range(world):
+        assert torch.equal(out[j]["counted"], expected[j])
+
+
+def test_route_without_group_is_the_exact_assignment():
+    scores = _scores(3)
+    r = route_shuffled(scores, "exact", None)
+    assert torch.equal(r.experts, balanced_assignment(scores).long())
+    assert torch.equal(r.experts, r.solved)
+    assert float(r.gap) < 1e-9
+    assert torch.equal(route(scores, "greedy").experts, scores.argmax(1))
+    assert float(route(scores, "greedy").gap) == 0.0
+    custom = route(scores, lambda s: torch.zeros(s.shape[0], dtype=torch.int32))
+    assert custom.experts.dtype == torch.long and torch.isnan(custom.gap)
+    assert float(custom.objective) == pytest.approx(float(scores[:, 0].sum()))
+
+
+def test_check_router_names_owner_and_option():
+    check_router("assignment", "exact", "X")
+    check_router("inference", lambda s: s.argmax(1), "X")
+    with pytest.raises(ValueError, match=r"Owner: inference must be one of \('exact', 'greedy'\)"):
+        check_router("inference", "top2", "Owner")
+
+
+def test_permutation_apply_undo_and_gradients():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(9, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    keys = torch.randint(0, 3, (9,), generator=g)
+    p = Permutation.sorting(keys)
+    assert torch.equal(p.index, torch.argsort(keys, stable=True))
+    y = p.apply(x)
+    assert torch.equal(y, x[p.index])
+    assert torch.equal(p.undo(y), x)
+    up = torch.randn(9, 5, dtype=torch.float64, generator=g)
+    (p.apply(x) * up).sum().backward()
+    expected = torch.autograd.grad((x[p.index] * up).sum(), x)[0]
+    assert torch.equal(x.grad, expected)
+    torch.autograd.gradcheck(lambda t: p.undo(p.apply(t) * 2), (x.detach().clone().requires_grad_(),))
+    empty = Permutation.sorting(torch.empty(0, dtype=torch.long))
+    assert empty.apply(torch.zeros(0, 5)).shape == (0, 5)
