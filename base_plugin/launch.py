@@ -54,10 +54,13 @@ def _entry(fn, rank, world_size, port, store, args, results, threads, ignore_sig
             dist.destroy_process_group()
 
 
-def run_ranks(fn, world_size: int, *args, timeout: float = 120.0, threads_per_rank: int = 1, stop_event=None):
+def run_ranks(fn, world_size: int, *args, timeout: float = 120.0, threads_per_rank: int = 1, stop_event=None,
+              daemon: bool = True):
     """See the module docstring. ``stop_event`` (a ``multiprocessing`` Event of the spawn context that
     ``fn`` also receives in ``args``): the first Ctrl-C sets it instead of killing the ranks, which are
-    then expected to stop on their own and return; a second Ctrl-C aborts."""
+    then expected to stop on their own and return; a second Ctrl-C aborts. ``daemon=False`` lets the
+    ranks start processes of their own (Megatron's checkpoint writer does); they are killed at the end
+    of the call either way."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
@@ -65,7 +68,7 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 120.0, threads_per_ra
         store = os.path.join(tmp, "rendezvous")
         procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, store, args, results, threads_per_rank,
                                    stop_event is not None),
-                             daemon=True)
+                             daemon=daemon)
                  for r in range(world_size)]
         for p in procs:
             p.start()

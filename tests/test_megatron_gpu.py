@@ -19,8 +19,9 @@ import pytest
 import torch
 
 if not torch.cuda.is_available():
-    pytest.skip("needs CUDA: megatron-core 0.16's alltoall dispatcher, attention, EP > 1 and dist-ckpt "
-                "saving are GPU-only", allow_module_level=True)
+    pytest.skip("needs CUDA: megatron-core 0.16's alltoall dispatcher, attention and EP > 1 forward are "
+                "GPU-only (dist-ckpt resharding of the weights runs on CPU in test_megatron_router.py)",
+                allow_module_level=True)
 pytest.importorskip("megatron.core")
 
 from multirank import free_port, run_ranks  # noqa: E402
@@ -218,7 +219,9 @@ def _dist_ckpt(rank, world, port, path, save_ep, load_ep):
 def test_dist_ckpt_resharding_across_ep_sizes(tmp_path, save_ep, load_ep):
     if GPUS < 2:
         pytest.skip(f"needs 2 GPUs, found {GPUS}")
-    assert run_ranks(_dist_ckpt, 2, free_port(), str(tmp_path), save_ep, load_ep, timeout=TIMEOUT) == [True, True]
+    # daemon=False: Megatron's checkpoint writer starts processes of its own
+    assert run_ranks(_dist_ckpt, 2, free_port(), str(tmp_path), save_ep, load_ep, timeout=TIMEOUT,
+                     daemon=False) == [True, True]
 
 
 def _dist_ckpt_one(rank, world, port, path):
@@ -226,7 +229,7 @@ def _dist_ckpt_one(rank, world, port, path):
 
 
 def test_dist_ckpt_round_trip_one_gpu(tmp_path):
-    assert run_ranks(_dist_ckpt_one, 1, free_port(), str(tmp_path), timeout=TIMEOUT) == [True]
+    assert run_ranks(_dist_ckpt_one, 1, free_port(), str(tmp_path), timeout=TIMEOUT, daemon=False) == [True]
 
 
 # ------------------------------------------------------------------ the Megatron-LM recipe

@@ -2,9 +2,10 @@
 
 What runs here: MoELayer (SequentialMLP experts, allgather dispatcher, EP 1) with BaseRouter from the
 spec route and from the config route, forward/backward, exact per-rank balance, greedy in eval,
-equality with base_plugin.layer.BaseLayer, state-dict round trip and the distributed-checkpoint
-layout; the router's multi-rank parts (shuffle, per-rank assignment) on 2 ranks. GPU-only parts are in
-test_megatron_gpu.py.
+equality with base_plugin.layer.BaseLayer, state-dict round trip, the distributed-checkpoint layout
+and a real dist_checkpointing save/load resharding the weights between EP 2 and EP 1 (2 ranks; the EP 2
+layers are built and saved, not run); the router's multi-rank parts (shuffle, per-rank assignment) on
+2 ranks. GPU-only parts are in test_megatron_gpu.py.
 """
 from __future__ import annotations
 
@@ -395,6 +396,67 @@ def test_sharded_layout_is_independent_of_expert_parallel_size():
     assert not main_experts(r1[1])  # at EP 1 the second rank is a data-parallel replica
     router = [e for e in r0[2] + r1[2] if "router" in e[0]]
     assert len({e[:3] for e in router}) == 1 and router[0][1] == (E, D)
+
+
+def _dist_ckpt_reshard(rank, world, root):
+    """Save a distributed checkpoint at one expert-parallel size and load it at another, on CPU.
+
+    Megatron's checkpoint saving calls ``torch.cuda`` unconditionally; ``cuda_calls_on_cpu`` answers
+    those calls for a machine without CUDA (megatron-core itself is untouched). EP > 1 layers are built
+    and checkpointed here, not run: their dispatchers need CUDA (see test_megatron_gpu.py)."""
+    from megatron_cpu import cuda_calls_on_cpu
+
+    with cuda_calls_on_cpu():
+        return _reshard_both_ways(rank, root)
+
+
+def _reshard_both_ways(rank, root):
+    import os
+
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
+
+    out = {}
+    for save_ep, load_ep in ((2, 1), (1, 2)):
+        path = os.path.join(root, f"ep{save_ep}")
+        if rank == 0:
+            os.makedirs(path, exist_ok=True)
+        dist.barrier()
+        init_megatron(ep=save_ep)
+        saved = build(moe_spec(), make_config(), seed=21 + save_ep)
+        dist_checkpointing.save(saved.sharded_state_dict(prefix="mlp."), path)
+        ps.destroy_model_parallel()
+
+        init_megatron(ep=load_ep)
+        loaded = build(moe_spec(), make_config(), seed=99)
+        state = dist_checkpointing.load(loaded.sharded_state_dict(prefix="mlp."), path)
+        missing, unexpected = loaded.load_state_dict({k[len("mlp."):]: v for k, v in state.items()})
+        assert not missing and not unexpected, (missing, unexpected)
+        first = rank * (E // save_ep) if save_ep > 1 else 0
+        out[(save_ep, load_ep)] = dict(
+            saved_router=saved.router.weight.detach().clone(), loaded_router=loaded.router.weight.detach().clone(),
+            saved={first + i: [p.detach().clone() for p in e.parameters()]
+                   for i, e in enumerate(saved.experts.local_experts)},
+            loaded={(rank * (E // load_ep) if load_ep > 1 else 0) + i: [p.detach().clone() for p in e.parameters()]
+                    for i, e in enumerate(loaded.experts.local_experts)})
+        ps.destroy_model_parallel()
+    return out
+
+
+def test_dist_checkpoint_reshards_across_expert_parallel_sizes(tmp_path):
+    """EP 2 -> EP 1 and EP 1 -> EP 2 through Megatron's own dist_checkpointing: every global expert and
+    the router weight (the centroids) arrive exactly."""
+    r0, r1 = run_ranks(_dist_ckpt_reshard, 2, str(tmp_path), timeout=TIMEOUT, daemon=False)
+    for case in ((2, 1), (1, 2)):
+        saved = {**r0[case]["saved"], **r1[case]["saved"]}  # global expert -> its saved parameters
+        assert sorted(saved) == list(range(E))
+        for res in (r0[case], r1[case]):
+            assert torch.equal(res["loaded_router"], res["saved_router"])
+            assert torch.equal(res["loaded_router"], r0[case]["saved_router"])
+            assert res["loaded"]
+            for e, params in res["loaded"].items():
+                assert len(params) == len(saved[e]) and all(torch.equal(a, b) for a, b in zip(params, saved[e])), e
 
 
 # ---------------------------------------------------------------- two ranks: shuffle, per-rank assignment

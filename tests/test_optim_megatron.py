@@ -2,8 +2,8 @@
 
 megatron-core 0.16.1 allocates the DDP gradient buffer on ``torch.cuda.current_device()``
 (megatron/core/distributed/param_and_grad_buffer.py, ``_ParamAndGradBuffer.__init__``, line 806), which
-fails on a CPU-only torch. The test therefore substitutes ``torch.cuda.current_device`` by ``"cpu"``
-while the DDP is being built (and only then); everything after that -- backward hooks into ``main_grad``,
+fails on a CPU-only torch. The test therefore answers ``torch.cuda.current_device()`` with ``"cpu"``
+while the DDP is being built, and only then (``megatron_cpu.cuda_calls_on_cpu``); everything after that -- backward hooks into ``main_grad``,
 Megatron's own ``finalize_model_grads``, the bucket groups' all-reduce -- is Megatron's code, run on CPU.
 
 * with :func:`disable_megatron_grad_sync`, Megatron's ``finalize_model_grads`` moves no bytes; SLAMB
@@ -12,7 +12,6 @@ Megatron's own ``finalize_model_grads``, the bucket groups' all-reduce -- is Meg
 * control: the same DDP without the helper all-reduces every gradient in ``finalize_model_grads``.
 * the distributed optimizer is refused.
 """
-import contextlib
 import warnings
 
 import pytest
@@ -22,21 +21,12 @@ import torch.nn.functional as F
 from base_plugin.optim import SLAMB
 from multirank import run_ranks
 from collective_spy import CollectiveSpy
+from megatron_cpu import cuda_calls_on_cpu
 from test_optim_slamb import LR, WD, _model, _reference_lamb, _shard
 
 import megatron.core  # noqa: E402,F401 - installed by the test extra
 
 STEPS, H = 6, 3
-
-
-@contextlib.contextmanager
-def _cuda_device_is_cpu():
-    orig = torch.cuda.current_device
-    torch.cuda.current_device = lambda: "cpu"
-    try:
-        yield
-    finally:
-        torch.cuda.current_device = orig
 
 
 def _ddp(overlap, distributed_optimizer=False):
@@ -46,7 +36,7 @@ def _ddp(overlap, distributed_optimizer=False):
     config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1)
     ddp_config = DistributedDataParallelConfig(overlap_grad_reduce=overlap,
                                                use_distributed_optimizer=distributed_optimizer)
-    with _cuda_device_is_cpu():
+    with cuda_calls_on_cpu():
         return DistributedDataParallel(config, ddp_config, _model(seed=0))
 
 
