@@ -82,16 +82,16 @@ def route_shuffled(scores: torch.Tensor, choice: Router, group: Optional[dist.Pr
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     n = scores.shape[0]
     perm = torch.randperm(n, device=scores.device)
-    send_counts = default_capacity(n, world, scores.device)  # the shuffled rows, dealt out evenly
+    send_splits = default_capacity(n, world).tolist()  # the shuffled rows, dealt out evenly (host ints)
     if sizes is None:
+        send_counts = torch.tensor(send_splits, dtype=torch.long, device=scores.device)
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=group)
-        send_splits, recv_splits = torch.stack([send_counts, recv_counts]).tolist()  # one host sync
+        recv_splits = recv_counts.tolist()  # the shuffle's one host sync
     else:
         if len(sizes) != world or sizes[rank] != n:
             raise ValueError(f"sizes={list(sizes)} does not fit a group of {world} ranks with {n} rows on rank {rank}")
-        send_splits = send_counts.tolist()
-        recv_splits = [m // world + (rank < m % world) for m in sizes]
+        recv_splits = [default_capacity(m, world)[rank].item() for m in sizes]
     received = _all_to_all(scores[perm], send_splits, recv_splits, group)
     mine = route(received, choice)
     back = _all_to_all(mine.solved, recv_splits, send_splits, group)
