@@ -102,3 +102,53 @@ def test_permutation_apply_undo_and_gradients():
     torch.autograd.gradcheck(lambda t: p.undo(p.apply(t) * 2), (x.detach().clone().requires_grad_(),))
     empty = Permutation.sorting(torch.empty(0, dtype=torch.long))
     assert empty.apply(torch.zeros(0, 5)).shape == (0, 5)
+
+
+# ---------------------------------------------------------------- what BaseLayer puts on the wire
+D_SPY, E_SPY = 8, 4
+
+
+def _rows(rank):
+    return 10 + 3 * rank
+
+
+def _collectives_job(rank, world):
+    from base_plugin.layer import BaseExpert, BaseLayer
+    from collective_spy import CollectiveSpy
+
+    torch.manual_seed(0)
+    layer = BaseLayer(D_SPY, [BaseExpert(D_SPY, 16) for _ in range(E_SPY // world)], E_SPY)
+    x = torch.randn(_rows(rank), D_SPY, requires_grad=True)
+    layer(x)  # the first call adds the one-time size check
+    out = {}
+    for mode in ("shuffle", "train", "eval"):
+        layer.train(mode != "eval")
+        layer.shuffle = mode == "shuffle"
+        with CollectiveSpy() as fwd:
+            y = layer(x)
+        with CollectiveSpy() as bwd:
+            y.sum().backward()
+        out[mode] = ([c[:2] for c in fwd.calls], [c[:2] for c in bwd.calls])
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_base_layer_collectives_per_call(world):
+    """The collectives BaseLayer's docstring promises, and their payloads: the shuffle moves score rows
+    (E floats per token) and chosen experts, never hidden states; only the dispatch moves [n, d] rows."""
+    out = run_ranks(_collectives_job, world, timeout=120)
+    a2a = "all_to_all_single"
+    for k in range(world):
+        n = _rows(k)
+        dealt = sum(default_capacity(_rows(j), world)[k].item() for j in range(world))
+        fwd, bwd = out[k]["shuffle"]
+        assert [op for op, _ in fwd] == ["all_gather"] + [a2a] * 5
+        # received score rows (float32 [dealt, E]), experts back (int64 [n]), dispatch counts (int64 [E]),
+        # then the tokens (float32 [*, d]) to the experts and back
+        assert [b for _, b in fwd[1:4]] == [dealt * E_SPY * 4, n * 8, E_SPY * 8]
+        assert fwd[5][1] == n * D_SPY * 4
+        assert [op for op, _ in bwd] == [a2a, a2a]
+        for mode in ("train", "eval"):
+            fwd, bwd = out[k][mode]
+            assert [op for op, _ in fwd] == ["all_gather", a2a, a2a, a2a]
+            assert [op for op, _ in bwd] == [a2a, a2a]
