@@ -82,6 +82,31 @@ def scipy_gap(scores: torch.Tensor, objective: float, capacity: torch.Tensor) ->
     return (best - objective) / abs(best)
 
 
+_HOST_READS = ("__bool__", "item", "tolist", "__float__", "__int__", "__index__")
+
+
+def count_host_reads(fn) -> int:
+    """How many times ``fn()`` reads a tensor's value on the host (``bool()``, ``.item()``, ``.tolist()``,
+    ``float()``, ``int()``): on a GPU each one waits for the device."""
+    count = 0
+    saved = {name: getattr(torch.Tensor, name) for name in _HOST_READS}
+
+    def counting(orig):
+        def read(self, *args, **kwargs):
+            nonlocal count
+            count += 1
+            return orig(self, *args, **kwargs)
+        return read
+    for name, orig in saved.items():
+        setattr(torch.Tensor, name, counting(orig))
+    try:
+        fn()
+    finally:
+        for name, orig in saved.items():
+            setattr(torch.Tensor, name, orig)
+    return count
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=20)
@@ -91,7 +116,17 @@ def main(argv=None) -> int:
     parser.add_argument("--cpu-time", action="store_true",
                         help="measure CPU time of this process instead of wall time (robust on a busy machine; "
                              "use with --threads 1)")
+    parser.add_argument("--host-reads", action="store_true",
+                        help="only count the torch path's host reads per solve (each is a sync on a GPU)")
     args = parser.parse_args(argv)
+    if args.host_reads:
+        print("| N × E | torch path: host reads per solve | repair phases |\n|---|---|---|")
+        for n, e in SIZES:
+            scores = make_scores(n, e)
+            box = {}
+            reads = count_host_reads(lambda: box.update(r=solve_balanced_assignment(scores, backend="torch")))
+            print(f"| {n} × {e} | {reads} | {box['r'].info['repair_phases']} |")
+        return 0
     global CLOCK
     CLOCK = time.process_time if args.cpu_time else time.perf_counter
     torch.set_num_threads(args.threads)

@@ -319,17 +319,21 @@ def _repair(st: torch.Tensor, cap: torch.Tensor, p: torch.Tensor,
         w = w.t().contiguous()
         dist = torch.tensor([0.0 if x > 0 else inf for x in diff], dtype=dt, device=dev)
         pred = torch.full((e,), -1, dtype=torch.long, device=dev)
-        for _ in range(e):
-            cand, arg = (dist[:, None] + w).min(0)
+        check = 1
+        for it in range(1, e + 1):  # Bellman-Ford; relaxing after convergence changes nothing, so the
+            cand, arg = (dist[:, None] + w).min(0)  # host (a GPU sync) asks only at 1, 2, 4, 8, ...
             better = cand < dist
-            if not bool(better.any()):
-                break
             dist = torch.where(better, cand, dist)
             pred = torch.where(better, arg, pred)
+            if it == check:
+                if not bool(better.any()):
+                    break
+                check *= 2
         # the token that realises each tree edge pred[f] -> f
         tok = torch.where(a[None, :] == pred[:, None], cost, inf).argmin(1)
         p = p - dist
-        moves = _pack_paths(diff, pred.tolist(), tok.tolist(), dist.tolist())
+        pred_tok = torch.cat([pred, tok]).tolist()
+        moves = _pack_paths(diff, pred_tok[:e], pred_tok[e:], dist.tolist())
         if not moves:
             raise AssignmentError("exact balanced assignment made no progress (non-finite scores?)")
         ti = torch.tensor([t for t, _ in moves], device=dev)
