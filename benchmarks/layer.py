@@ -23,18 +23,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import time
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from base_plugin.launch import free_port
 
 
 def _timed(fns: dict, steps: int, warmup: int, group=None) -> dict:
@@ -133,7 +128,7 @@ def _rank(rank, world, port, args, num_experts, queue):
 def run_config(world: int, num_experts: int, args) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_rank, args=(r, world, port, args, num_experts, queue)) for r in range(world)]
     for p in procs:
         p.start()

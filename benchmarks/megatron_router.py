@@ -15,15 +15,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import time
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from base_plugin.launch import free_port
 
 
 def _setup(threads: int):
@@ -33,7 +28,7 @@ def _setup(threads: int):
     torch.set_num_threads(threads)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if not dist.is_initialized():
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     from megatron.core import parallel_state as ps
 
     if not ps.model_parallel_is_initialized():

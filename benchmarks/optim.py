@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import socket
 import sys
 import time
 
@@ -45,6 +44,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
+
+from base_plugin.launch import free_port
 
 
 # ---------------------------------------------------------------- data
@@ -195,9 +196,7 @@ def main(argv=None):
         print(f"note: --steps {args.steps} is not a multiple of --sync-interval {args.sync_interval}: SLAMB's "
               "replicas differ at the end; rank 0's weights are evaluated", file=sys.stderr)
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     t0 = time.perf_counter()

@@ -91,7 +91,7 @@ def route_shuffled(scores: torch.Tensor, choice: Router, group: Optional[dist.Pr
     else:
         if len(sizes) != world or sizes[rank] != n:
             raise ValueError(f"sizes={list(sizes)} does not fit a group of {world} ranks with {n} rows on rank {rank}")
-        recv_splits = [default_capacity(m, world)[rank].item() for m in sizes]
+        recv_splits = [m // world + (rank < m % world) for m in sizes]  # rank's share of each deal
     received = _all_to_all(scores[perm], send_splits, recv_splits, group)
     mine = route(received, choice)
     back = _all_to_all(mine.solved, recv_splits, send_splits, group)

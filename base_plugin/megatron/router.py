@@ -47,7 +47,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..layer.routing import Router as RouterChoice
-from ..layer.routing import check_router, route, route_shuffled
+from ..layer.routing import check_router, route_shuffled
 
 LOAD_BALANCING_TYPE = "base"
 _SHUFFLE_GROUPS = ("tp_dp_cp", "ep")
@@ -175,9 +175,7 @@ class BaseRouter(TopKRouter):
         """:class:`~base_plugin.layer.routing.Routing` of the rows of ``scores`` [n, E]: solved here or,
         when shuffling, on random ranks of ``shuffle_group``."""
         choice = self.assignment if self.training else self.inference
-        if not self._shuffling():
-            return route(scores, choice)
-        return route_shuffled(scores, choice, self.shuffle_group)
+        return route_shuffled(scores, choice, self.shuffle_group if self._shuffling() else None)
 
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         """``(probs [T, E], routing_map [T, E] bool)`` from logits [..., E]; see the class docstring."""
