@@ -5,7 +5,8 @@ import torch.distributed as dist
 
 from base_plugin.assignment import balanced_assignment, default_capacity
 from base_plugin.layer.permute import Permutation
-from base_plugin.layer.routing import check_router, route, route_shuffled
+from base_plugin.layer import exchange_counts
+from base_plugin.layer.routing import check_router, even_shares, exact_dispatch_counts, route, route_shuffled
 from multirank import run_ranks
 
 E = 4
@@ -23,13 +24,17 @@ def _shuffle_job(rank, world):
     counted = route_shuffled(scores, "exact", dist.group.WORLD)
     torch.manual_seed(7 + rank)  # the same permutation, the counts given instead of exchanged
     given = route_shuffled(scores, "exact", dist.group.WORLD, sizes=list(SIZES[:world]))
+    torch.manual_seed(7 + rank)  # and the per-expert tallies riding on the experts-back messages
+    tallied = route_shuffled(scores, "exact", dist.group.WORLD, sizes=list(SIZES[:world]), incoming=True)
+    exchanged = exchange_counts(torch.bincount(tallied.experts, minlength=E), dist.group.WORLD)
     try:
         route_shuffled(scores, "exact", dist.group.WORLD, sizes=[1] * world)
         error = None
     except ValueError as e:
         error = str(e)
     return dict(counted=counted.experts, solved=counted.solved, objective=counted.objective,
-                given=given.experts, given_solved=given.solved, error=error)
+                given=given.experts, given_solved=given.solved, error=error, tallied=tallied.experts,
+                incoming=tallied.incoming, exchanged=exchanged, plain_incoming=given.incoming)
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -38,6 +43,10 @@ def test_route_shuffled_routes_every_row_once_and_balances_every_rank(world):
     total = sum(SIZES[:world])
     for k in range(world):
         assert torch.equal(out[k]["counted"], out[k]["given"])
+        assert torch.equal(out[k]["counted"], out[k]["tallied"])
+        # what every rank will send to rank k's experts, without a count exchange
+        assert out[k]["plain_incoming"] is None
+        assert torch.equal(out[k]["incoming"], out[k]["exchanged"])
         assert torch.equal(out[k]["solved"], out[k]["given_solved"])
         assert out[k]["counted"].shape == (SIZES[k],)
         solved = out[k]["solved"]  # each rank balanced exactly the rows it was dealt
@@ -77,6 +86,24 @@ def test_route_without_group_is_the_exact_assignment():
     custom = route(scores, lambda s: torch.zeros(s.shape[0], dtype=torch.int32))
     assert custom.experts.dtype == torch.long and torch.isnan(custom.gap)
     assert float(custom.objective) == pytest.approx(float(scores[:, 0].sum()))
+
+
+@pytest.mark.parametrize("experts,world", [(4, 1), (4, 2), (12, 4), (8, 8)])
+def test_exact_dispatch_counts_match_the_balanced_assignment(experts, world):
+    """Without a shuffle, exact routing's dispatch follows from the row counts: check it against the
+    capacities every rank's assignment actually fills (rows of all ranks, expert e on rank e // L)."""
+    g = torch.Generator().manual_seed(experts * world)
+    sizes = [0, 1, experts - 1, experts, 3 * experts + 5, 41, 2, 17][:world]
+    local = experts // world
+    per_rank = [torch.bincount(balanced_assignment(torch.randn(m, experts, generator=g)).long(),
+                               minlength=experts) for m in sizes]
+    for m, counts in zip(sizes, per_rank):
+        assert counts.tolist() == even_shares(m, experts) == default_capacity(m, experts).tolist()
+    for rank in range(world):
+        send, recv, incoming = exact_dispatch_counts(sizes, experts, rank)
+        assert send == per_rank[rank].view(world, local).sum(1).tolist()
+        assert recv == [int(c[rank * local:(rank + 1) * local].sum()) for c in per_rank]
+        assert incoming == torch.stack([c[rank * local:(rank + 1) * local] for c in per_rank]).flatten().tolist()
 
 
 def test_check_router_names_owner_and_option():
@@ -142,13 +169,16 @@ def test_base_layer_collectives_per_call(world):
         n = _rows(k)
         dealt = sum(default_capacity(_rows(j), world)[k].item() for j in range(world))
         fwd, bwd = out[k]["shuffle"]
-        assert [op for op, _ in fwd] == ["all_gather"] + [a2a] * 5
-        # received score rows (float32 [dealt, E]), experts back (int64 [n]), dispatch counts (int64 [E]),
-        # then the tokens (float32 [*, d]) to the experts and back
-        assert [b for _, b in fwd[1:4]] == [dealt * E_SPY * 4, n * 8, E_SPY * 8]
-        assert fwd[5][1] == n * D_SPY * 4
+        assert [op for op, _ in fwd] == ["all_gather"] + [a2a] * 4
+        # received score rows (float32 [dealt, E]), experts back (int64 [n]) after a tally of E counts
+        # from each rank (so no count exchange), then the tokens (float32 [*, d]) to the experts and back
+        assert [b for _, b in fwd[1:3]] == [dealt * E_SPY * 4, (n + world * E_SPY) * 8]
+        assert fwd[4][1] == n * D_SPY * 4
         assert [op for op, _ in bwd] == [a2a, a2a]
-        for mode in ("train", "eval"):
+        # exact without the shuffle: the dispatch follows from the token counts of the all_gather;
+        # greedy (eval) exchanges counts (int64 [E]) first
+        for mode, expected in (("train", ["all_gather", a2a, a2a]), ("eval", ["all_gather", a2a, a2a, a2a])):
             fwd, bwd = out[k][mode]
-            assert [op for op, _ in fwd] == ["all_gather", a2a, a2a, a2a]
+            assert [op for op, _ in fwd] == expected
             assert [op for op, _ in bwd] == [a2a, a2a]
+        assert out[k]["eval"][0][1][1] == E_SPY * 8

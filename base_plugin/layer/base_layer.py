@@ -11,10 +11,15 @@ from .all_to_all import all_to_all, exchange_counts
 from .experts import ExpertList, GroupedExperts
 from .groups import expert_group_name, mark_expert_parameters, resolve_group
 from .permute import Permutation
-from .routing import Router, check_router, route_shuffled
+from .routing import Router, check_router, exact_dispatch_counts, route_shuffled
 from .stats import RoutingStats
 
 _CENTROID_GAIN = 0.1  # small centroids: the gate starts near 1/2 and tokens are spread by direction only
+
+
+def _to_device(values: List[int], device: torch.device) -> torch.Tensor:
+    # non_blocking: a host list copied to a GPU must not wait for the GPU's queue (no device sync)
+    return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
 
 
 class BaseLayer(nn.Module):
@@ -32,7 +37,10 @@ class BaseLayer(nn.Module):
     3. routing: training → ``assignment`` (default exact balanced assignment *per rank*: every expert
        gets ``n // E`` or ``n // E + 1`` of the n rows this rank routes); not training → ``inference``
        (default greedy argmax);
-    4. tokens go to their expert's rank with ``all_to_all_single`` (counts exchanged first);
+    4. tokens go to their expert's rank with ``all_to_all_single``. Every rank must know what it will
+       receive: with exact routing this follows from the row counts alone (without a shuffle) or is
+       tallied on the shuffle's experts-back messages; other routers (greedy inference, a callable
+       without a shuffle) exchange counts first;
     5. ``y = α·f_e(x) + (1 − α)·x`` with ``α = σ(x · c_e)`` — the centroids learn through the gate only;
     6. results go back and the original order and shape are restored.
 
@@ -62,9 +70,11 @@ class BaseLayer(nn.Module):
     are reduced only over the ranks that hold the same experts (the expert-data-parallel group).
 
     Collectives per call on ``group``: one all_gather (centroids, token counts and the mode check; the
-    first call adds one all_gather of sizes), with the shuffle two all_to_alls of score rows and chosen
-    experts, then one count all_to_all and the two token all_to_alls (to the experts and back); backward
-    runs the two token all_to_alls in reverse. Every rank of the group must call forward (and backward)
+    first call adds one all_gather of sizes), with the shuffle two all_to_alls (score rows out, chosen
+    experts and per-expert tallies back), a count all_to_all only without a shuffle and with a router
+    other than exact, then the two token all_to_alls (to the experts and back). So training is 3
+    collectives (exact, no shuffle) or 5 (with the shuffle), greedy inference 4. Backward runs the two
+    token all_to_alls in reverse. Every rank of the group must call forward (and backward)
     the same number of times, whatever its number of tokens.
 
     Raises ValueError for: a bad hidden size of ``x``; ``num_experts`` not divisible by W; a number of
@@ -166,19 +176,26 @@ class BaseLayer(nn.Module):
         centroids = self.local_centroids()
         everyone, sizes = self._gather_centroids(centroids, shuffling, h.shape[0])
 
+        choice = self.assignment if self.training else self.inference
         with torch.no_grad():
             scores = h.detach() @ everyone.to(h.dtype).t()
-            routing = route_shuffled(scores, self.assignment if self.training else self.inference,
-                                     self.group if shuffling else None, sizes)
+            routing = route_shuffled(scores, choice, self.group if shuffling else None, sizes, incoming=shuffling)
         by_expert = Permutation.sorting(routing.experts)
         per_expert = torch.bincount(routing.experts, minlength=self.num_experts)
-        recv_counts = exchange_counts(per_expert, self.group)
-        local_counts = recv_counts.view(self.world, self.num_local).sum(0)
-        # the one host synchronisation of the dispatch: split sizes per rank, tokens per local expert
-        host = torch.cat([per_expert.view(self.world, -1).sum(1), recv_counts.view(self.world, -1).sum(1),
-                          local_counts]).tolist()
-        send_splits, recv_splits = host[:self.world], host[self.world:2 * self.world]
-        counts = host[2 * self.world:]
+        # What every rank sends to this rank's experts: known without a count exchange when the
+        # shuffle's experts-back messages carried it, or when exact routing fixed it by the row counts.
+        if routing.incoming is None and choice == "exact":
+            send_splits, recv_splits, host_counts = exact_dispatch_counts(
+                [h.shape[0]] if sizes is None else sizes, self.num_experts, self.rank)
+            recv_counts = _to_device(host_counts, dev)
+            counts = [sum(host_counts[i::self.num_local]) for i in range(self.num_local)]
+        else:
+            recv_counts = routing.incoming if routing.incoming is not None else exchange_counts(per_expert, self.group)
+            # the one host synchronisation of the dispatch: split sizes per rank, tokens per local expert
+            host = torch.cat([per_expert.view(self.world, -1).sum(1), recv_counts.view(self.world, -1).sum(1),
+                              recv_counts.view(self.world, self.num_local).sum(0)]).tolist()
+            send_splits, recv_splits = host[:self.world], host[self.world:2 * self.world]
+            counts = host[2 * self.world:]
         routed = all_to_all(by_expert.apply(h), send_splits, recv_splits, self.group)
 
         # Received rows are ordered (source rank, local expert); the experts want them by local expert.
@@ -199,7 +216,7 @@ class BaseLayer(nn.Module):
         sent = per_expert.view(self.world, self.num_local).sum(1)
         self.last_stats = RoutingStats(
             tokens_per_expert=torch.bincount(routing.solved, minlength=self.num_experts).detach(),
-            tokens_received=local_counts.detach(), objective=routing.objective.detach(),
+            tokens_received=_to_device(counts, dev), objective=routing.objective.detach(),
             gap=routing.gap.detach(), mean_gate=gate.detach().sum() / max(gate.shape[0], 1),
             tokens_moved=sent.sum() - sent[self.rank])
         return out.reshape(shape)
