@@ -67,6 +67,15 @@ def _job(rank, world):
         out["mode_error"] = None
     except ValueError as e:
         out["mode_error"] = str(e)
+    # ... or on the router: exact routing skips the count exchange that greedy routing makes
+    layer.train(True)
+    layer.assignment = "exact" if rank == 0 else "greedy"
+    try:
+        layer(torch.randn(3, D))
+        out["router_error"] = None
+    except ValueError as e:
+        out["router_error"] = str(e)
+    layer.assignment = "exact"
     try:
         BaseLayer(D, experts[:1], 3)
         out["divisible_error"] = None
@@ -240,6 +249,7 @@ def test_mismatches_raise_on_every_rank(job):
     world, out = job
     for k in range(world):
         assert "disagree on the mode" in out[k]["mode_error"]
+        assert "disagree on the mode" in out[k]["router_error"] and "exact routing" in out[k]["router_error"]
         assert "not divisible by the expert-parallel group size" in out[k]["divisible_error"]
         assert "disagree on (d_model, num_experts, local experts)" in out[k]["size_error"]
 

@@ -80,8 +80,8 @@ class BaseLayer(nn.Module):
     Raises ValueError for: a bad hidden size of ``x``; ``num_experts`` not divisible by W; a number of
     local experts other than ``num_experts / W``; experts whose declared ``d_model`` differs; a group
     this process is not in; an unknown router; ranks of the group disagreeing on d_model or num_experts
-    (checked once, at the first call) or on the training mode (checked every call) — raised on every
-    rank of the group alike, so none is left waiting.
+    (checked once, at the first call) or on the mode — training, shuffling, exact routing or not
+    (checked every call) — raised on every rank of the group alike, so none is left waiting.
 
     After each call ``last_stats`` holds a :class:`RoutingStats` (device tensors, no host sync).
     """
@@ -143,10 +143,11 @@ class BaseLayer(nn.Module):
                              f"{sizes.tolist()}")
         self._sizes_checked = True
 
-    def _gather_centroids(self, local: List[torch.Tensor], shuffling: bool, n: int
+    def _gather_centroids(self, local: List[torch.Tensor], shuffling: bool, exact: bool, n: int
                           ) -> Tuple[torch.Tensor, Optional[List[int]]]:
         """All centroids [E, d] (detached, float64) and every group rank's token count (None without a
-        group), checking that the group agrees on the mode."""
+        group), checking that the group agrees on the mode: training, shuffling and exact routing (which
+        decides whether counts are exchanged before the dispatch)."""
         local = torch.stack([c.detach() for c in local]).to(torch.float64)
         if self.group is None:
             return local, None
@@ -154,17 +155,17 @@ class BaseLayer(nn.Module):
             self._check_sizes(local.device)
         # One extra row carries what must match on every rank, so a mismatch raises everywhere instead
         # of leaving some ranks waiting in a collective the others never enter, and the token count
-        # the shuffle needs: training + 2·shuffling + 4·n, exact in float64 up to n = 2**50.
+        # the dispatch needs: training + 2·shuffling + 4·exact + 8·n, exact in float64 up to n = 2**49.
         header = local.new_zeros(1, self.d_model)
-        header[0, 0] = float(self.training) + 2.0 * float(shuffling) + 4.0 * n
+        header[0, 0] = float(self.training) + 2.0 * float(shuffling) + 4.0 * float(exact) + 8.0 * n
         mine = torch.cat([header, local])
         rows = [torch.empty_like(mine) for _ in range(self.world)]
         dist.all_gather(rows, mine, group=self.group)
         packed = torch.stack([r[0, 0] for r in rows]).to(torch.long).tolist()
-        modes, sizes = [v % 4 for v in packed], [v // 4 for v in packed]
+        modes, sizes = [v % 8 for v in packed], [v // 8 for v in packed]
         if any(m != modes[self.rank] for m in modes):
             raise ValueError("ranks of the expert-parallel group disagree on the mode "
-                             f"(per rank: training + 2 * shuffling = {modes})")
+                             f"(per rank: training + 2 * shuffling + 4 * exact routing = {modes})")
         return torch.cat([r[1:] for r in rows]), sizes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -173,10 +174,11 @@ class BaseLayer(nn.Module):
         shape, dev = x.shape, x.device
         h = x.reshape(-1, self.d_model)
         shuffling = self.shuffle and self.training and self.group is not None
-        centroids = self.local_centroids()
-        everyone, sizes = self._gather_centroids(centroids, shuffling, h.shape[0])
-
         choice = self.assignment if self.training else self.inference
+        exact = isinstance(choice, str) and choice == "exact"
+        centroids = self.local_centroids()
+        everyone, sizes = self._gather_centroids(centroids, shuffling, exact, h.shape[0])
+
         with torch.no_grad():
             scores = h.detach() @ everyone.to(h.dtype).t()
             routing = route_shuffled(scores, choice, self.group if shuffling else None, sizes, incoming=shuffling)
@@ -184,7 +186,7 @@ class BaseLayer(nn.Module):
         per_expert = torch.bincount(routing.experts, minlength=self.num_experts)
         # What every rank sends to this rank's experts: known without a count exchange when the
         # shuffle's experts-back messages carried it, or when exact routing fixed it by the row counts.
-        if routing.incoming is None and choice == "exact":
+        if routing.incoming is None and exact:
             send_splits, recv_splits, host_counts = exact_dispatch_counts(
                 [h.shape[0]] if sizes is None else sizes, self.num_experts, self.rank)
             recv_counts = _to_device(host_counts, dev)

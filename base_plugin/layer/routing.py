@@ -142,7 +142,8 @@ def route_shuffled(scores: torch.Tensor, choice: Router, group: Optional[dist.Pr
         # the experts of t's own rows; t sums the tallies of all ranks
         local = num_experts // world
         dev = scores.device
-        origin = torch.repeat_interleave(torch.arange(world, device=dev), torch.tensor(recv_splits, device=dev),
+        origin = torch.repeat_interleave(torch.arange(world, device=dev),
+                                         torch.tensor(recv_splits).to(dev, non_blocking=True),
                                          output_size=mine.solved.shape[0])
         tally = torch.bincount(origin * num_experts + mine.solved, minlength=world * num_experts)
         tally = tally.view(world, world, local).transpose(0, 1).reshape(world, world * local)
