@@ -7,10 +7,15 @@ Each configuration spawns its ranks (gloo on 127.0.0.1; the CPU cores are split 
 times whole training steps (forward + backward, no optimizer) on 4096 tokens per rank:
 
 * dense     — one paper expert (LayerNorm → d→ffn → act → ffn→d, residual) on every token: the same
-              parameters per token as a BASE expert, and no communication;
+              parameters per token as a BASE expert, and no communication (the targets are against it);
+* dense-ddp — (2+ ranks) the same expert in torch's DistributedDataParallel, i.e. with the gradient
+              all-reduce that data-parallel training of it pays (the paper's 91 % is against data-parallel
+              throughput); BaseLayer's experts are not replicated, so they need no such all-reduce;
 * base      — BaseLayer (exact balanced assignment, shuffle on) with its local experts as a list of
               BaseExpert modules (one call per expert, as DeepSpeed's MoE runs them);
-* base-batched — the same with BatchedBaseExperts (stacked weights, batched matmuls);
+* base-noshuffle — the same without the cross-rank shuffle (2 ranks: two fewer all-to-alls of scores
+              and chosen experts per forward);
+* base-batched — BaseLayer with BatchedBaseExperts (stacked weights, batched matmuls);
 * ds-top1/2 — deepspeed.moe.layer.MoE with the same expert (capacity factor 1, tokens may be dropped),
               when DeepSpeed is installed (through base_plugin.deepspeed, which selects its CPU accelerator).
 
@@ -89,6 +94,10 @@ def _rank(rank, world, port, args, num_experts, queue):
     layers = {"dense": BaseExpert(d, args.ffn),
               "base": BaseLayer(d, [BaseExpert(d, args.ffn) for _ in range(local)], num_experts),
               "base-batched": BaseLayer(d, BatchedBaseExperts(local, d, args.ffn), num_experts)}
+    if world > 1:  # on one rank there is nothing to shuffle, nor a gradient to all-reduce
+        layers["dense-ddp"] = torch.nn.parallel.DistributedDataParallel(BaseExpert(d, args.ffn))
+        layers["base-noshuffle"] = BaseLayer(d, [BaseExpert(d, args.ffn) for _ in range(local)], num_experts,
+                                             shuffle=False)
     for layer in layers.values():
         with torch.no_grad():  # as after some training: experts are not the identity
             for p in layer.parameters():
@@ -157,16 +166,16 @@ def main(argv=None):
 
     print(f"d={args.d} ffn={args.ffn} tokens/rank={args.tokens} threads={args.threads} "
           f"(cpus={os.cpu_count()}, load={os.getloadavg()[0]:.1f}); median of {args.steps} steps")
-    print(f"{'ranks':>5} {'experts':>7} {'layer':<12} {'ms/step':>9} {'tokens/s':>10} {'vs dense':>8}")
+    print(f"{'ranks':>5} {'experts':>7} {'layer':<14} {'ms/step':>9} {'tokens/s':>10} {'vs dense':>8}")
     breakdown = []
     for world in args.ranks:
         for e in args.experts:
             res = run_config(world, e, args)
             tokens = world * args.tokens
-            for name in ("dense", "base", "base-batched", "ds-top1", "ds-top2"):
+            for name in ("dense", "dense-ddp", "base", "base-noshuffle", "base-batched", "ds-top1", "ds-top2"):
                 if name in res:
                     t = res[name]
-                    print(f"{world:>5} {e:>7} {name:<12} {1e3 * t:>9.1f} {tokens / t:>10.0f} {res['dense'] / t:>8.2f}")
+                    print(f"{world:>5} {e:>7} {name:<14} {1e3 * t:>9.1f} {tokens / t:>10.0f} {res['dense'] / t:>8.2f}")
             breakdown.append((world, e, res["base"], res["base parts"]))
     print("\nBaseLayer, where the time goes (parts timed alone, ms per step)")
     print(f"{'ranks':>5} {'experts':>7} {'total':>8} {'solver':>8} {'all-to-all':>10} {'experts':>8} {'rest':>8}")
