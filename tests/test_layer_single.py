@@ -229,6 +229,11 @@ def test_batched_experts_equal_the_list_for_uneven_counts():
         gb = torch.autograd.grad(yb.sum(), x, allow_unused=True)[0] if x.shape[0] else None
         yl = listed(x, counts)
         torch.testing.assert_close(yb, yl, rtol=1e-5, atol=1e-5)
+        # block by block (what the layer mixes with the gate): the same rows, counts[i] of them each
+        for grouped in (batched, listed):
+            blocks = grouped.pieces(x, counts)
+            assert [b.shape for b in blocks] == [(c, 6) for c in counts]
+            torch.testing.assert_close(torch.cat(blocks), yl, rtol=1e-5, atol=1e-5)
         if gb is not None:
             torch.testing.assert_close(gb, torch.autograd.grad(yl.sum(), x)[0], rtol=1e-5, atol=1e-5)
 
@@ -252,6 +257,15 @@ def test_any_module_is_an_expert():
     single = BaseLayer(4, nn.Sequential(nn.Linear(4, 4), nn.ReLU()), 1)  # one module, not split up
     assert single.experts.num_experts == 1
     assert single(x).shape == x.shape
+
+    class TupleOut(nn.Linear):  # DeepSpeed's convention: an expert may return (output, extra)
+        def forward(self, h):
+            return super().forward(h), None
+    tupled = ExpertList([TupleOut(4, 4), TupleOut(4, 4)])
+    rows = torch.randn(5, 4)
+    torch.testing.assert_close(tupled(rows, [2, 3]),
+                               torch.cat([nn.Linear.forward(e, r) for e, r in zip(tupled.experts, rows.split([2, 3]))]))
+    assert [p.shape[0] for p in tupled.pieces(rows, [5, 0])] == [5, 0]  # one block per expert, empty ones too
 
 
 def test_expert_parameters_carry_deepspeed_marks():

@@ -35,7 +35,7 @@ from deepspeed.moe.layer import MoE
 from deepspeed.utils import groups
 
 from ..layer import BaseLayer, mark_expert_parameters
-from ..layer.experts import GroupedExperts
+from ..layer.experts import GroupedExperts, run_each
 
 CENTROID = "base_centroid"  # name of the centroid parameter registered on each local expert module
 
@@ -60,14 +60,11 @@ class DeepSpeedExperts(GroupedExperts):
         self.num_experts = len(self.deepspeed_experts)
         self.d_model = d_model
 
+    def pieces(self, x: torch.Tensor, counts: List[int]) -> List[torch.Tensor]:
+        return run_each(self.deepspeed_experts, x, counts)
+
     def forward(self, x: torch.Tensor, counts: List[int]) -> torch.Tensor:
-        pieces = []
-        for expert, chunk, n in zip(self.deepspeed_experts, x.split(counts), counts):
-            if n == 0:
-                continue
-            out = expert(chunk)
-            pieces.append(out[0] if isinstance(out, tuple) else out)
-        return torch.cat(pieces) if pieces else x
+        return torch.cat(self.pieces(x, counts))
 
 
 class _ExpertCentroidLayer(BaseLayer):

@@ -207,10 +207,13 @@ class BaseLayer(nn.Module):
             by_local = Permutation.sorting(
                 torch.repeat_interleave(local_id, recv_counts, output_size=routed.shape[0]))
             routed = by_local.apply(routed)
-        # α = σ(x · c_e), one matrix-vector product per local expert: the centroids learn through it
-        logits = [chunk @ c.to(chunk.dtype) for chunk, c in zip(routed.split(counts), centroids)]
-        gate = torch.sigmoid(torch.cat(logits)).unsqueeze(-1)
-        out = torch.lerp(routed, self.experts(routed, counts), gate)  # α·f_e(x) + (1 − α)·x, fused
+        # Expert by expert, while its block is in cache: α = σ(x · c_e), one matrix-vector product (the
+        # centroids learn through it), and y = α·f_e(x) + (1 − α)·x in one fused lerp.
+        gates, mixed = [], []
+        for chunk, f, c in zip(routed.split(counts), self.experts.pieces(routed, counts), centroids):
+            gates.append(torch.sigmoid(chunk @ c.to(chunk.dtype)).unsqueeze(-1))
+            mixed.append(torch.lerp(chunk, f, gates[-1]))
+        out = torch.cat(mixed)
         if by_local is not None:
             out = by_local.undo(out)
         out = by_expert.undo(all_to_all(out, recv_splits, send_splits, self.group))
@@ -219,6 +222,7 @@ class BaseLayer(nn.Module):
         self.last_stats = RoutingStats(
             tokens_per_expert=torch.bincount(routing.solved, minlength=self.num_experts).detach(),
             tokens_received=_to_device(counts, dev), objective=routing.objective.detach(),
-            gap=routing.gap.detach(), mean_gate=gate.detach().sum() / max(gate.shape[0], 1),
+            gap=routing.gap.detach(),
+            mean_gate=torch.cat([g.detach() for g in gates]).sum() / max(sum(counts), 1),
             tokens_moved=sent.sum() - sent[self.rank])
         return out.reshape(shape)

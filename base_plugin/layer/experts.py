@@ -4,8 +4,10 @@
   ``h = h + W2·act(W1·LayerNorm(h) + b1) + b2``, the last Linear zero-initialised so a fresh expert is
   the identity.
 * :class:`GroupedExperts` — what the layer calls: the local experts of one rank applied to tokens
-  sorted by local expert, ``forward(x[T, d], counts: list[int]) -> [T, d]``.
+  sorted by local expert, ``forward(x[T, d], counts: list[int]) -> [T, d]``, or block by block,
+  ``pieces(x, counts) -> [Tensor[counts[i], d]]``.
 * :class:`ExpertList` — any user ``nn.Module`` experts, one call per non-empty expert.
+* :func:`run_each` — the one loop that calls a list of experts on their chunks.
 * :class:`BatchedBaseExperts` — L paper experts with stacked weights, run as batched matmuls.
 
 Which to use for the paper's experts: on CPU a list of :class:`BaseExpert` (an :class:`ExpertList`).
@@ -77,6 +79,22 @@ class GroupedExperts(nn.Module):
     num_experts: int
     d_model: int | None = None
 
+    def pieces(self, x: torch.Tensor, counts: List[int]) -> List[torch.Tensor]:
+        """Each local expert's output on its tokens separately: ``num_experts`` Tensors [counts[i], d], the
+        blocks ``forward`` concatenates. The layer mixes every block with its gate while it is still in
+        cache; this default splits ``forward``'s output (views, no copy)."""
+        return list(self.forward(x, counts).split(counts))
+
+
+def run_each(experts: Sequence[nn.Module], x: torch.Tensor, counts: List[int]) -> List[torch.Tensor]:
+    """``[experts[i](chunk_i)]`` over ``x.split(counts)``; an empty chunk is passed through without a call,
+    and a tuple output keeps its first element (as DeepSpeed's experts do)."""
+    out = []
+    for expert, chunk, n in zip(experts, x.split(counts), counts):
+        y = expert(chunk) if n else chunk
+        out.append(y[0] if isinstance(y, tuple) else y)
+    return out
+
 
 class ExpertList(GroupedExperts):
     """Arbitrary ``nn.Module`` experts (each maps [n, d] -> [n, d]), called once per non-empty expert."""
@@ -91,9 +109,11 @@ class ExpertList(GroupedExperts):
         dims = {getattr(e, "d_model", None) for e in experts}
         self.d_model = dims.pop() if len(dims) == 1 else None
 
+    def pieces(self, x: torch.Tensor, counts: List[int]) -> List[torch.Tensor]:
+        return run_each(self.experts, x, counts)
+
     def forward(self, x: torch.Tensor, counts: List[int]) -> torch.Tensor:
-        pieces = [expert(chunk) for expert, chunk, n in zip(self.experts, x.split(counts), counts) if n > 0]
-        return torch.cat(pieces) if pieces else x
+        return torch.cat(self.pieces(x, counts))
 
 
 class BatchedBaseExperts(GroupedExperts):
