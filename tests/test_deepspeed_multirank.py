@@ -12,6 +12,9 @@ single-process reference computed here. The model is a DeepSpeed ``MoE`` model s
 * resharding: the 2-rank EP 2 checkpoint loads with EP 1 on 1 rank and EP 4 on 4 ranks, equal outputs.
 * bad config on 2 ranks: ep_size > world size raises before any step; the launcher's
   ``--deepspeed_config`` path is read and stripped.
+
+The rank functions put their inputs on the engine's device and return CPU tensors, so
+``tests/test_cuda.py`` runs the same ones over NCCL on GPUs.
 """
 import argparse
 import json
@@ -137,13 +140,14 @@ def _equality_run(rank, world, ep_size, steps=2, gas=2):
     losses, grads, counts, received = [], [], [], []
     for s in range(steps):
         for m in range(gas):
-            loss = lm_loss(engine(data[s, m, rank]), data[s, m, rank])
-            counts.append(moe.last_stats.tokens_per_expert.clone())
-            received.append(moe.last_stats.tokens_received.clone())
+            x = data[s, m, rank].to(engine.device)
+            loss = lm_loss(engine(x), x)
+            counts.append(moe.last_stats.tokens_per_expert.cpu().clone())
+            received.append(moe.last_stats.tokens_received.cpu().clone())
             engine.backward(loss)
             losses.append(loss.item())
             if m == gas - 1:
-                grads.append(globalize({n: p.grad.clone() for n, p in engine.module.named_parameters()},
+                grads.append(globalize({n: p.grad.detach().cpu().clone() for n, p in engine.module.named_parameters()},
                                        ep_rank, local))
             engine.step()
     return dict(losses=losses, grads=grads, counts=counts, received=received, ep_rank=ep_rank,
@@ -169,10 +173,10 @@ def _clip_run(rank, world, max_norm=0.05, lr=0.5):
     return dict(grads=grads, before=before, after=after, max_norm=max_norm, lr=lr)
 
 
-def _text_run(rank, world, stage, bf16):
+def _text_run(rank, world, stage, bf16, ep_size=2):
     text = text_bytes()
     torch.manual_seed(SEED)
-    model = TinyLM(2, d=32)
+    model = TinyLM(ep_size, d=32)
     engine = _engine(model, ds_config(stage=stage, bf16=bf16, lr=2e-2, clip=1.0, base=section(shuffle=True),
                                       world=world))
     g = torch.Generator().manual_seed(100 + rank)
@@ -180,7 +184,7 @@ def _text_run(rank, world, stage, bf16):
     losses = []
     for _ in range(TEXT_STEPS):
         start = torch.randint(0, len(text) - seq, (MICRO,), generator=g)
-        x = torch.stack([text[s:s + seq] for s in start.tolist()])
+        x = torch.stack([text[s:s + seq] for s in start.tolist()]).to(engine.device)
         loss = lm_loss(engine(x), x)
         engine.backward(loss)
         engine.step()
@@ -191,12 +195,12 @@ def _text_run(rank, world, stage, bf16):
 def _eval_outputs(engine, x):
     engine.eval()
     with torch.no_grad():
-        out = engine(x)[0].float().clone()
+        out = engine(x.to(engine.device))[0].float().cpu().clone()
     engine.train()
     return out
 
 
-def _checkpoint_run(rank, world, ckpt_dir, stage=1):
+def _checkpoint_run(rank, world, ckpt_dir, stage=1, ep_size=2):
     """Train, save, continue; a fresh engine loads and continues the same way."""
     data = batches(world, 6, 1, seed=11)
     probe = batches(1, 1, 1, seed=12)[0, 0, 0]
@@ -204,19 +208,20 @@ def _checkpoint_run(rank, world, ckpt_dir, stage=1):
     def steps(engine, rng):
         out = []
         for s in rng:
-            x = data[s, 0, rank]
+            x = data[s, 0, rank].to(engine.device)
             loss = lm_loss(engine(x), x)
             engine.backward(loss)
             engine.step()
             out.append(loss.item())
         return out
 
-    first = _engine(build(2, rank), ds_config(stage=stage, base=section(), world=world, lr=1e-2))
+    first = _engine(build(ep_size, rank), ds_config(stage=stage, base=section(), world=world, lr=1e-2))
     steps(first, range(3))
     first.save_checkpoint(ckpt_dir, tag="t3")
     saved_out = _eval_outputs(first, probe)
     continued = steps(first, range(3, 6))
-    second = _engine(build(2, rank, seed=SEED + 1), ds_config(stage=stage, base=section(), world=world, lr=1e-2))
+    second = _engine(build(ep_size, rank, seed=SEED + 1),
+                     ds_config(stage=stage, base=section(), world=world, lr=1e-2))
     fresh_out = _eval_outputs(second, probe)
     second.load_checkpoint(ckpt_dir, tag="t3")
     loaded_out = _eval_outputs(second, probe)
