@@ -21,7 +21,7 @@ times whole training steps (forward + backward, no optimizer) on 4096 tokens per
 
 tokens/s counts every rank's tokens. For BaseLayer it also times its parts in isolation: the solver on
 the same scores, the token all-to-alls (forward + backward) and the experts (forward + backward);
-"rest" is everything else (score shuffle, gate, sorting, count exchanges).
+"rest" is everything else (score shuffle, gate, sorting, waiting for the slower rank).
 Numbers on a shared machine are noisy; nothing here asserts a time.
 """
 from __future__ import annotations

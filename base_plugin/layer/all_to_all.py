@@ -1,8 +1,11 @@
-"""Autograd-aware ``all_to_all_single`` with uneven splits, and the count exchange that precedes it.
+"""Autograd-aware ``all_to_all_single`` with uneven splits, and the count exchange that can precede it.
 
-Every exchange of tokens is two collectives: first the per-destination counts (a fixed-size integer
-tensor, so no rank has to guess what it will receive), then the tokens themselves with those counts as
-split sizes. A rank that sends or receives nothing still takes part in both, so none waits forever.
+An exchange of tokens needs every rank to know what it will receive before it starts. The general way
+is one more collective first, :func:`exchange_counts` (a fixed-size integer tensor, so no rank has to
+guess); a caller that can derive the counts from what it already exchanged skips it (BaseLayer with
+exact routing: :func:`~base_plugin.layer.routing.exact_dispatch_counts` and
+``route_shuffled(..., incoming=True)``). A rank that sends or receives nothing still takes part in
+every collective, so none waits forever.
 """
 from __future__ import annotations
 
