@@ -229,7 +229,13 @@ def test_batched_experts_equal_the_list_for_uneven_counts():
         gb = torch.autograd.grad(yb.sum(), x, allow_unused=True)[0] if x.shape[0] else None
         yl = listed(x, counts)
         torch.testing.assert_close(yb, yl, rtol=1e-5, atol=1e-5)
-        # block by block (what the layer mixes with the gate): the same rows, counts[i] of them each
+        # block by block (what the layer mixes with the gate): the same rows, counts[i] of them each;
+        # the default (BatchedBaseExperts) goes through the module call, so its hooks fire
+        calls = []
+        hook = batched.register_forward_hook(lambda *a: calls.append(1))
+        batched.pieces(x, counts)
+        hook.remove()
+        assert calls == [1]
         for grouped in (batched, listed):
             blocks = grouped.pieces(x, counts)
             assert [b.shape for b in blocks] == [(c, 6) for c in counts]
@@ -303,6 +309,12 @@ def test_bad_input_errors():
         BaseLayer(0, experts, 2)
     with pytest.raises(ValueError, match="activation"):
         BaseExpert(8, activation="swishy")
+
+    class OneBlockShort(ExpertList):  # a custom GroupedExperts whose pieces() drops an expert
+        def pieces(self, x, counts):
+            return super().pieces(x, counts)[:-1]
+    with pytest.raises(ValueError, match="returned 1 blocks for 2 local experts"):
+        BaseLayer(8, OneBlockShort([BaseExpert(8, 8) for _ in range(2)]), 2)(torch.randn(4, 8))
 
 
 def test_single_process_all_to_all_is_identity():

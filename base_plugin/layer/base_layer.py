@@ -209,8 +209,12 @@ class BaseLayer(nn.Module):
             routed = by_local.apply(routed)
         # Expert by expert, while its block is in cache: α = σ(x · c_e), one matrix-vector product (the
         # centroids learn through it), and y = α·f_e(x) + (1 − α)·x in one fused lerp.
+        blocks = self.experts.pieces(routed, counts)
+        if len(blocks) != self.num_local:
+            raise ValueError(f"{type(self.experts).__name__}.pieces returned {len(blocks)} blocks for "
+                             f"{self.num_local} local experts")
         gates, mixed = [], []
-        for chunk, f, c in zip(routed.split(counts), self.experts.pieces(routed, counts), centroids):
+        for chunk, f, c in zip(routed.split(counts), blocks, centroids):
             gates.append(torch.sigmoid(chunk @ c.to(chunk.dtype)).unsqueeze(-1))
             mixed.append(torch.lerp(chunk, f, gates[-1]))
         out = torch.cat(mixed)

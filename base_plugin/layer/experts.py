@@ -82,8 +82,10 @@ class GroupedExperts(nn.Module):
     def pieces(self, x: torch.Tensor, counts: List[int]) -> List[torch.Tensor]:
         """Each local expert's output on its tokens separately: ``num_experts`` Tensors [counts[i], d], the
         blocks ``forward`` concatenates. The layer mixes every block with its gate while it is still in
-        cache; this default splits ``forward``'s output (views, no copy)."""
-        return list(self.forward(x, counts).split(counts))
+        cache. This default calls the module (its hooks fire) and splits the output (views, no copy);
+        the list forms override it to call each expert module directly (the experts' hooks fire, the
+        container's do not)."""
+        return list(self(x, counts).split(counts))
 
 
 def run_each(experts: Sequence[nn.Module], x: torch.Tensor, counts: List[int]) -> List[torch.Tensor]:
