@@ -11,15 +11,10 @@ from .all_to_all import all_to_all, exchange_counts
 from .experts import ExpertList, GroupedExperts
 from .groups import expert_group_name, mark_expert_parameters, resolve_group
 from .permute import Permutation
-from .routing import Router, check_router, exact_dispatch_counts, route_shuffled
+from .routing import Router, check_router, device_longs, exact_dispatch_counts, route_shuffled
 from .stats import RoutingStats
 
 _CENTROID_GAIN = 0.1  # small centroids: the gate starts near 1/2 and tokens are spread by direction only
-
-
-def _to_device(values: List[int], device: torch.device) -> torch.Tensor:
-    # non_blocking: a host list copied to a GPU must not wait for the GPU's queue (no device sync)
-    return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
 
 
 class BaseLayer(nn.Module):
@@ -189,7 +184,7 @@ class BaseLayer(nn.Module):
         if routing.incoming is None and exact:
             send_splits, recv_splits, host_counts = exact_dispatch_counts(
                 [h.shape[0]] if sizes is None else sizes, self.num_experts, self.rank)
-            recv_counts = _to_device(host_counts, dev)
+            recv_counts = device_longs(host_counts, dev)
             counts = [sum(host_counts[i::self.num_local]) for i in range(self.num_local)]
         else:
             recv_counts = routing.incoming if routing.incoming is not None else exchange_counts(per_expert, self.group)
@@ -225,7 +220,7 @@ class BaseLayer(nn.Module):
         sent = per_expert.view(self.world, self.num_local).sum(1)
         self.last_stats = RoutingStats(
             tokens_per_expert=torch.bincount(routing.solved, minlength=self.num_experts).detach(),
-            tokens_received=_to_device(counts, dev), objective=routing.objective.detach(),
+            tokens_received=device_longs(counts, dev), objective=routing.objective.detach(),
             gap=routing.gap.detach(),
             mean_gate=torch.cat([g.detach() for g in gates]).sum() / max(sum(counts), 1),
             tokens_moved=sent.sum() - sent[self.rank])

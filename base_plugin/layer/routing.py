@@ -75,6 +75,11 @@ def _all_to_all(values: torch.Tensor, send_splits, recv_splits, group) -> torch.
     return out
 
 
+def device_longs(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    """Host ints as a LongTensor on ``device``, copied without waiting for the device's queue (no sync)."""
+    return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+
+
 def even_shares(n: int, parts: int) -> List[int]:
     """``n`` split as evenly as possible, the first ``n % parts`` parts one larger: the shuffle's deal,
     and the capacities of exact routing (:func:`~base_plugin.assignment.default_capacity`) as host ints."""
@@ -142,8 +147,7 @@ def route_shuffled(scores: torch.Tensor, choice: Router, group: Optional[dist.Pr
         # the experts of t's own rows; t sums the tallies of all ranks
         local = num_experts // world
         dev = scores.device
-        origin = torch.repeat_interleave(torch.arange(world, device=dev),
-                                         torch.tensor(recv_splits).to(dev, non_blocking=True),
+        origin = torch.repeat_interleave(torch.arange(world, device=dev), device_longs(recv_splits, dev),
                                          output_size=mine.solved.shape[0])
         tally = torch.bincount(origin * num_experts + mine.solved, minlength=world * num_experts)
         tally = tally.view(world, world, local).transpose(0, 1).reshape(world, world * local)
