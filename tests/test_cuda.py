@@ -3,15 +3,20 @@
 * one GPU: BaseLayer on CUDA equals BaseLayer on CPU (outputs, every gradient, routing), training and
   eval; a DeepSpeed engine over NCCL with bf16 and ZeRO 2 learns real text with exact balance, and a
   checkpoint round trip gives identical outputs and an identical continued run;
+* one GPU, two ranks: the CPU suite's 2-rank BaseLayer job (tests/test_layer_multirank.py: 50 randomized
+  rounds of uneven and empty ranks, shuffle, eval, batched experts, and mismatches that must raise) with
+  the layers on the GPU, gloo carrying CUDA tensors, and the same checks;
 * two GPUs: EP 2 over NCCL equals the single-process reference (the CPU suite's own check).
 
-Skipped without CUDA, each two-GPU test without two GPUs. The rank functions are the CPU suite's
+Skipped without CUDA, each two-GPU test without two GPUs (NCCL takes one GPU per rank). The rank functions are the CPU suite's
 (``tests/test_deepspeed_multirank.py``): each rank joins with gloo through tests/multirank.py, then
 re-joins over NCCL on 127.0.0.1.
 """
 from __future__ import annotations
 
 import copy
+import datetime
+import os
 
 import pytest
 import torch
@@ -27,7 +32,7 @@ from base_plugin.assignment import default_capacity  # noqa: E402
 from base_plugin.layer import BaseExpert, BaseLayer  # noqa: E402
 
 GPUS = torch.cuda.device_count()
-TIMEOUT = 600
+TIMEOUT = 300
 
 
 def _nccl(rank, world, port):
@@ -35,7 +40,9 @@ def _nccl(rank, world, port):
 
     dist.destroy_process_group()  # run_ranks' gloo group -> NCCL
     torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # a collective that never matches raises after 2 minutes instead of holding the GPU until TIMEOUT
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
 
@@ -67,7 +74,19 @@ def test_base_layer_on_cuda_equals_cpu():
             pc.grad = pg.grad = None
 
 
+def test_base_layer_two_ranks_on_one_gpu():
+    import test_layer_multirank as lm
+
+    job = (2, lm._results(2, "cuda"))
+    assert all(res["device"].startswith("cuda") for res in job[1])
+    lm.test_equals_single_process_training_and_eval(job)
+    lm.test_uneven_and_empty_ranks_with_shuffle(job)
+    lm.test_balance_in_training_greedy_in_eval(job)
+    lm.test_mismatches_raise_on_every_rank(job)
+
+
 def _gpu_job(rank, world, port, ckpt_dir):
+    os.environ["DS_ACCELERATOR"] = "cuda"  # whatever the parent chose: this job is the GPU one
     import deepspeed
 
     _nccl(rank, world, port)

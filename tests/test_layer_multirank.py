@@ -2,7 +2,8 @@
 
 Each world size runs one spawned job (module-scoped fixture) that plays 50 randomized rounds and a
 few scenarios; the tests below check its results against a single-process reference in the parent.
-Everything runs in float64 so "equal" means equal to round-off.
+Everything runs in float64 so "equal" means equal to round-off. ``tests/test_cuda.py`` runs the same
+job with the layers on a GPU (gloo moves CUDA tensors too) and applies the same checks.
 """
 import contextlib
 import io
@@ -36,12 +37,24 @@ def round_plan(r, world):
     return counts, mode, batched, x, up
 
 
-def _job(rank, world):
+def _cpu(obj):
+    """``obj`` (tensors in dicts and lists) with every tensor on the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_cpu(v) for v in obj]
+    return obj
+
+
+def _job(rank, world, device="cpu"):
     torch.set_default_dtype(torch.float64)
+    dev = torch.device(device)
     num = LOCAL * world
     experts, c = make_experts(num, D, FFN, seed=SEED)
     mine = slice(rank * LOCAL, (rank + 1) * LOCAL)
-    layers = {b: build(experts[mine], c[mine], b, num) for b in (False, True)}
+    layers = {b: build(experts[mine], c[mine], b, num).to(dev) for b in (False, True)}
     rounds = []
     for r in range(ROUNDS):
         counts, mode, batched, x, up = round_plan(r, world)
@@ -50,20 +63,20 @@ def _job(rank, world):
         layer.shuffle = mode == "shuffle"
         layer.zero_grad(set_to_none=True)
         lo = sum(counts[:rank])
-        xs = x[lo:lo + counts[rank]].clone().requires_grad_()
+        xs = x[lo:lo + counts[rank]].to(dev, copy=True).requires_grad_()
         y = layer(xs)
-        (y * up[lo:lo + counts[rank]]).sum().backward()
+        (y * up[lo:lo + counts[rank]].to(dev)).sum().backward()
         st = layer.last_stats
         rounds.append(dict(y=y.detach(), xgrad=xs.grad, cgrad=layer.centroids.grad.clone(),
                            egrads=expert_grads(layer, rank * LOCAL), per_expert=st.tokens_per_expert.clone(),
                            received=st.tokens_received.clone(), moved=int(st.tokens_moved)))
-    out = dict(rounds=rounds)
+    out = dict(rounds=rounds, device=str(layers[True].centroids.device))
 
     # The ranks disagree on the mode: every rank raises, none hangs.
     layer = layers[False]
     layer.train(rank != 0)
     try:
-        layer(torch.randn(3, D))
+        layer(torch.randn(3, D, device=dev))
         out["mode_error"] = None
     except ValueError as e:
         out["mode_error"] = str(e)
@@ -71,7 +84,7 @@ def _job(rank, world):
     layer.train(True)
     layer.assignment = "exact" if rank == 0 else "greedy"
     try:
-        layer(torch.randn(3, D))
+        layer(torch.randn(3, D, device=dev))
         out["router_error"] = None
     except ValueError as e:
         out["router_error"] = str(e)
@@ -83,9 +96,9 @@ def _job(rank, world):
         out["divisible_error"] = str(e)
     # Sizes differ between ranks: caught by the one-time size check on every rank.
     local = LOCAL + (0 if rank else 1)
-    odd = BaseLayer(D, experts[:local], world * local)
+    odd = BaseLayer(D, experts[:local], world * local).to(dev)
     try:
-        odd(torch.randn(2, D))
+        odd(torch.randn(2, D, device=dev))
         out["size_error"] = None
     except ValueError as e:
         out["size_error"] = str(e)
@@ -112,18 +125,19 @@ def _job(rank, world):
     # Many tensors through the result queue would go by shared memory, which dies with the rank:
     # send one blob of bytes instead.
     blob = io.BytesIO()
-    torch.save(out, blob)
+    torch.save(_cpu(out), blob)
     return blob.getvalue()
 
 
 _JOBS = {}
 
 
-def _results(world):
-    if world not in _JOBS:
-        blobs = run_ranks(_job, world, timeout=TIMEOUT)
-        _JOBS[world] = [torch.load(io.BytesIO(b), weights_only=False) for b in blobs]
-    return _JOBS[world]
+def _results(world, device="cpu"):
+    """Every rank's results (CPU tensors) of ``_job`` on ``world`` gloo ranks with the layers on ``device``."""
+    if (world, device) not in _JOBS:
+        blobs = run_ranks(_job, world, device, timeout=TIMEOUT)
+        _JOBS[world, device] = [torch.load(io.BytesIO(b), weights_only=False) for b in blobs]
+    return _JOBS[world, device]
 
 
 @pytest.fixture(params=[2, 4], ids=["2ranks", "4ranks"])

@@ -10,13 +10,22 @@
   :func:`parse_section` — the section's schema and validation; :mod:`.reshard` — offline resharding.
 
 On a machine without CUDA this package selects DeepSpeed's CPU accelerator (``DS_ACCELERATOR=cpu``)
-unless the variable is already set, before DeepSpeed is first imported (:func:`import_deepspeed`). Needs deepspeed
+unless the variable is already set, before DeepSpeed is first imported (:func:`import_deepspeed`);
+:func:`use_cpu_accelerator` makes the same choice on a machine with CUDA. Needs deepspeed
 (``pip install 'base-plugin[deepspeed]'``); names are imported on first use.
 """
 from __future__ import annotations
 
 import importlib
 import os
+
+
+def use_cpu_accelerator() -> None:
+    """Train with DeepSpeed's CPU accelerator in this process and the ones it spawns, GPUs or not (what
+    this package selects by itself where there is no CUDA). Call it before deepspeed is imported: the
+    accelerator is fixed at its first use."""
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    os.environ["BASE_PLUGIN_SELECTED_DS_CPU"] = "1"  # processes we spawn inherit the choice
 
 
 def _select_accelerator() -> None:
@@ -28,8 +37,7 @@ def _select_accelerator() -> None:
     except Exception:  # noqa: BLE001 - no torch: deepspeed will not import either
         return
     if not cuda:
-        os.environ["DS_ACCELERATOR"] = "cpu"
-        os.environ["BASE_PLUGIN_SELECTED_DS_CPU"] = "1"  # processes we spawn inherit the choice
+        use_cpu_accelerator()
 
 
 _select_accelerator()

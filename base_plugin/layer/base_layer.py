@@ -129,11 +129,11 @@ class BaseLayer(nn.Module):
 
     def _check_sizes(self, device: torch.device) -> None:
         """Once: all ranks of the group hold the same sizes (else the collectives below could not match)."""
-        mine = torch.tensor([self.d_model, self.num_experts, self.num_local], dtype=torch.long)
-        rows = [torch.empty_like(mine) for _ in range(self.world)]
-        dist.all_gather(rows, mine.to(device), group=self.group)
+        mine = torch.tensor([self.d_model, self.num_experts, self.num_local], dtype=torch.long, device=device)
+        rows = [torch.empty_like(mine) for _ in range(self.world)]  # on the device too: NCCL needs it
+        dist.all_gather(rows, mine, group=self.group)
         sizes = torch.stack(rows).cpu()
-        if not bool((sizes == mine).all()):
+        if not bool((sizes == mine.cpu()).all()):
             raise ValueError("ranks of the expert-parallel group disagree on (d_model, num_experts, local experts): "
                              f"{sizes.tolist()}")
         self._sizes_checked = True
