@@ -10,8 +10,11 @@ neighbours on a shared machine hits all of them alike. The variants have the sam
 parameter count (BASE's centroids [E, d] replace the top-k gate's [E, d] weight). DeepSpeed's MoE runs
 with its defaults (capacity_factor 1, dropped tokens, aux loss added to the loss); BaseMoE with exact
 assignment, with and without the shuffle (two more all-to-alls in forward: score rows out, chosen
-experts back). Ranks are gloo
-processes on 127.0.0.1, ``--threads`` torch threads each. Never a timed assert: just a table.
+experts back). ``--control`` adds "DeepSpeed top-1 + 2 all-to-alls": top-1 with, before each MoE layer,
+two all-to-alls of the shuffle's sizes (an [n, E] float deal and an [n] long reply) whose results are
+thrown away, i.e. what two more collectives per layer cost on this machine, whatever the routing.
+Ranks are gloo processes on 127.0.0.1, ``--threads`` torch threads each. Never a timed assert: just a
+table.
 """
 from __future__ import annotations
 
@@ -26,6 +29,24 @@ import torch.multiprocessing as mp
 from torch import nn
 
 VARIANTS = ("BaseMoE (exact)", "BaseMoE (exact, no shuffle)", "DeepSpeed top-1", "DeepSpeed top-2")
+CONTROL = "DeepSpeed top-1 + 2 all-to-alls"
+
+
+class TwoExchanges(nn.Module):
+    """``layer`` after two all-to-alls the size of the shuffle's (score rows out, experts back), discarded."""
+
+    def __init__(self, layer, experts):
+        super().__init__()
+        self.layer, self.experts = layer, experts
+
+    def forward(self, x):
+        with torch.no_grad():
+            scores = x.reshape(-1, x.shape[-1])[:, :self.experts].contiguous()
+            if dist.get_world_size() > 1:
+                dist.all_to_all_single(torch.empty_like(scores), scores)
+                choice = scores.argmax(1)
+                dist.all_to_all_single(torch.empty_like(choice), choice)
+        return self.layer(x)
 
 
 class Stack(nn.Module):
@@ -41,7 +62,8 @@ class Stack(nn.Module):
                                            shuffle="no shuffle" not in variant))
             else:
                 k = 2 if variant.endswith("top-2") else 1
-                self.layers.append(MoE(d, expert, num_experts=experts, ep_size=ep_size, k=k))
+                moe = MoE(d, expert, num_experts=experts, ep_size=ep_size, k=k)
+                self.layers.append(TwoExchanges(moe, experts) if variant == CONTROL else moe)
         self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(layers))
 
     def forward(self, x):
@@ -67,7 +89,7 @@ def _rank(rank, world, store, args, queue):
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
            "zero_optimization": {"stage": 0}, "steps_per_print": 10 ** 9}
     engines = {}
-    for variant in VARIANTS:
+    for variant in VARIANTS + ((CONTROL,) if args.control else ()):
         torch.manual_seed(0)
         model = Stack(variant, args.layers, args.d_model, args.ffn, args.experts, min(world, args.experts))
         engines[variant], *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
@@ -83,7 +105,7 @@ def _rank(rank, world, store, args, queue):
         steps(engine, args.warmup)
     # Rounds alternate the variants, so a neighbour's load on a shared machine hits all of them alike;
     # each variant's rate is its median over the rounds.
-    rates = {v: [] for v in VARIANTS}
+    rates = {v: [] for v in engines}
     for _ in range(args.rounds):
         for variant, engine in engines.items():
             dist.barrier()
@@ -132,6 +154,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     parser.add_argument("--port", type=int, default=29650)
     parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--control", action="store_true",
+                        help='add "DeepSpeed top-1 + 2 all-to-alls": the cost of two more collectives per layer')
     args = parser.parse_args(argv)
     rows = []
     for world in args.worlds:
