@@ -1,10 +1,12 @@
-"""Forward+backward throughput of BaseLayer vs a dense FFN and DeepSpeed MoE top-1/top-2, on CPU.
+"""Forward+backward throughput of BaseLayer vs a dense FFN and DeepSpeed MoE top-1/top-2, on CPU or GPUs.
 
     python benchmarks/layer.py                       # d=512, ffn=2048, 8 and 32 experts, 1 and 2 ranks
     python benchmarks/layer.py --ranks 1 --experts 8 --steps 3
+    python benchmarks/layer.py --device cuda --ranks 1 --tokens 32768   # one GPU per rank, NCCL
 
-Each configuration spawns its ranks (gloo on 127.0.0.1; the CPU cores are split between them) and
-times whole training steps (forward + backward, no optimizer) on 4096 tokens per rank:
+Each configuration spawns its ranks (gloo on 127.0.0.1, the CPU cores split between them; with
+``--device cuda`` NCCL, GPU r for rank r, every timed call ended by a device synchronisation) and times
+whole training steps (forward + backward, no optimizer) on 4096 tokens per rank:
 
 * dense     — one paper expert (LayerNorm → d→ffn → act → ffn→d, residual) on every token: the same
               parameters per token as a BASE expert, and no communication (the targets are against it);
@@ -37,8 +39,9 @@ import torch.multiprocessing as mp
 from base_plugin.launch import free_port
 
 
-def _timed(fns: dict, steps: int, warmup: int, group=None) -> dict:
-    """Median seconds of each fn() over ``steps`` rounds (after ``warmup``), ranks lined up by a barrier.
+def _timed(fns: dict, steps: int, warmup: int, group=None, cuda: bool = False) -> dict:
+    """Median seconds of each fn() over ``steps`` rounds (after ``warmup``), ranks lined up by a barrier
+    (and, with ``cuda``, each call timed up to the end of its GPU work).
 
     The functions take turns within every round, so slow phases of a shared machine (this VM's speed
     drifts by up to 30 % over tens of seconds) hit every variant alike instead of whichever ran then.
@@ -51,24 +54,32 @@ def _timed(fns: dict, steps: int, warmup: int, group=None) -> dict:
         for name, fn in fns.items():
             if group is not None:
                 dist.barrier()
+            if cuda:
+                torch.cuda.synchronize()
             t = time.perf_counter()
             fn()
+            if cuda:
+                torch.cuda.synchronize()
             times[name].append(time.perf_counter() - t)
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
-def _init(rank: int, world: int, port: int) -> bool:
+def _init(rank: int, world: int, port: int, device: str) -> bool:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    backend = "gloo"
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+        backend = "nccl"
     try:
         from base_plugin.deepspeed import import_deepspeed
 
         deepspeed = import_deepspeed()
-        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
         return True
     except ImportError:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
         return False
 
 
@@ -78,11 +89,13 @@ def _rank(rank, world, port, args, num_experts, queue):
     from base_plugin.layer.all_to_all import exchange
 
     torch.set_num_threads(max(1, args.threads // world))
-    have_ds = _init(rank, world, port)
+    have_ds = _init(rank, world, port, args.device)
+    cuda = args.device == "cuda"
+    dev = torch.device("cuda", rank) if cuda else torch.device("cpu")
     group = dist.group.WORLD if world > 1 else None
     torch.manual_seed(rank)
     d, n = args.d, args.tokens
-    x = torch.randn(n, d, requires_grad=True)
+    x = torch.randn(n, d, device=dev, requires_grad=True)
 
     def step(module, unpack=lambda y: y):
         def run():
@@ -95,10 +108,11 @@ def _rank(rank, world, port, args, num_experts, queue):
               "base": BaseLayer(d, [BaseExpert(d, args.ffn) for _ in range(local)], num_experts),
               "base-batched": BaseLayer(d, BatchedBaseExperts(local, d, args.ffn), num_experts)}
     if world > 1:  # on one rank there is nothing to shuffle, nor a gradient to all-reduce
-        layers["dense-ddp"] = torch.nn.parallel.DistributedDataParallel(BaseExpert(d, args.ffn))
+        layers["dense-ddp"] = torch.nn.parallel.DistributedDataParallel(BaseExpert(d, args.ffn).to(dev))
         layers["base-noshuffle"] = BaseLayer(d, [BaseExpert(d, args.ffn) for _ in range(local)], num_experts,
                                              shuffle=False)
     for layer in layers.values():
+        layer.to(dev)
         with torch.no_grad():  # as after some training: experts are not the identity
             for p in layer.parameters():
                 if not p.any():
@@ -108,15 +122,15 @@ def _rank(rank, world, port, args, num_experts, queue):
         from deepspeed.moe.layer import MoE
 
         for k in (1, 2):
-            moe = MoE(d, BaseExpert(d, args.ffn), num_experts=num_experts, ep_size=world, k=k)
+            moe = MoE(d, BaseExpert(d, args.ffn), num_experts=num_experts, ep_size=world, k=k).to(dev)
             steps[f"ds-top{k}"] = step(moe, lambda out: out[0] + 0 * out[1])
 
     # BaseLayer's parts, each alone: the solver on scores of the same size, the token dispatch there
     # and back (forward + backward), the experts on an even split
-    scores = (x.detach() @ torch.randn(num_experts, d).t())
+    scores = (x.detach() @ torch.randn(num_experts, d, device=dev).t())
     steps["solver"] = lambda: solve_balanced_assignment(scores)
     if world > 1:
-        even = torch.full((world,), n // world, dtype=torch.long)
+        even = torch.full((world,), n // world, dtype=torch.long, device=dev)
 
         def a2a():
             y, *_ = exchange(x, even, group)
@@ -126,7 +140,7 @@ def _rank(rank, world, port, args, num_experts, queue):
     even_counts = [n // local] * local
     steps["experts"] = lambda: layers["base"].experts(x, even_counts).sum().backward()
 
-    results = _timed(steps, args.steps, args.warmup, group)
+    results = _timed(steps, args.steps, args.warmup, group, cuda)
     results["base parts"] = {part: results.pop(part, 0.0) for part in ("solver", "all-to-all", "experts")}
     if rank == 0:
         queue.put(results)
@@ -162,10 +176,16 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads split between ranks")
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--no-deepspeed", action="store_true")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="cuda: one GPU per rank (NCCL); needs as many GPUs as the largest --ranks")
     args = ap.parse_args(argv)
+    if args.device == "cuda" and torch.cuda.device_count() < max(args.ranks):
+        ap.error(f"--device cuda --ranks {max(args.ranks)} needs {max(args.ranks)} GPUs, "
+                 f"found {torch.cuda.device_count()}")
 
-    print(f"d={args.d} ffn={args.ffn} tokens/rank={args.tokens} threads={args.threads} "
-          f"(cpus={os.cpu_count()}, load={os.getloadavg()[0]:.1f}); median of {args.steps} steps")
+    where = (f"GPU {torch.cuda.get_device_name(0)}" if args.device == "cuda" else
+             f"threads={args.threads} (cpus={os.cpu_count()}, load={os.getloadavg()[0]:.1f})")
+    print(f"d={args.d} ffn={args.ffn} tokens/rank={args.tokens} {where}; median of {args.steps} steps")
     print(f"{'ranks':>5} {'experts':>7} {'layer':<14} {'ms/step':>9} {'tokens/s':>10} {'vs dense':>8}")
     breakdown = []
     for world in args.ranks:
