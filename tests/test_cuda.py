@@ -86,7 +86,7 @@ def test_base_layer_two_ranks_on_one_gpu():
 
 
 def _gpu_job(rank, world, port, ckpt_dir):
-    os.environ["DS_ACCELERATOR"] = "cuda"  # whatever the parent chose: this job is the GPU one
+    os.environ["DS_ACCELERATOR"] = "cuda"  # conftest chose the CPU one for the suite; this job is the GPU one
     import deepspeed
 
     _nccl(rank, world, port)

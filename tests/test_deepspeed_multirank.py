@@ -261,11 +261,7 @@ def _bad_config_and_launcher(rank, world, tmp):
     return out
 
 
-# The jobs below are gloo CPU ranks: DeepSpeed's CPU accelerator even where there are GPUs (tests/test_cuda.py
-# runs the same rank functions over NCCL).
-
 def job2(rank, world, tmp):
-    base_plugin.deepspeed.use_cpu_accelerator()
     out = {"bad": _bad_config_and_launcher(rank, world, tmp)}
     out["eq"] = _equality_run(rank, world, ep_size=2)
     out["clip"] = _clip_run(rank, world)
@@ -277,12 +273,10 @@ def job2(rank, world, tmp):
 
 
 def job4(rank, world, ckpt_dir):
-    base_plugin.deepspeed.use_cpu_accelerator()
     return {"eq": _equality_run(rank, world, ep_size=2), "reshard": _reshard_load(rank, world, 4, ckpt_dir)}
 
 
 def job1(rank, world, ckpt_dir):
-    base_plugin.deepspeed.use_cpu_accelerator()
     return {"reshard": _reshard_load(rank, world, 1, ckpt_dir)}
 
 

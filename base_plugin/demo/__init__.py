@@ -50,7 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import base_plugin.deepspeed  # noqa: F401 - selects DeepSpeed's CPU accelerator (inherited by the ranks)
+    import base_plugin.deepspeed
+
+    base_plugin.deepspeed.use_cpu_accelerator()  # a CPU demo on GPU machines too (the ranks inherit it)
 
     from ..launch import run_ranks
     from . import report
