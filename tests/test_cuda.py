@@ -8,9 +8,10 @@
   the layers on the GPU, gloo carrying CUDA tensors, and the same checks;
 * two GPUs: EP 2 over NCCL equals the single-process reference (the CPU suite's own check).
 
-Skipped without CUDA, each two-GPU test without two GPUs (NCCL takes one GPU per rank). The rank functions are the CPU suite's
-(``tests/test_deepspeed_multirank.py``): each rank joins with gloo through tests/multirank.py, then
-re-joins over NCCL on 127.0.0.1.
+Skipped without CUDA, each two-GPU test without two GPUs (NCCL takes one GPU per rank). The rank
+functions are the CPU suite's (``tests/test_layer_multirank.py``, ``tests/test_deepspeed_multirank.py``):
+each rank joins with gloo through tests/multirank.py, and the DeepSpeed ones re-join over NCCL on
+127.0.0.1.
 """
 from __future__ import annotations
 
@@ -75,6 +76,8 @@ def test_base_layer_on_cuda_equals_cpu():
 
 
 def test_base_layer_two_ranks_on_one_gpu():
+    """Two ranks share one GPU over gloo (NCCL would need two GPUs): every collective of the layer gets
+    CUDA tensors, with uneven and empty ranks, the shuffle, eval and both expert forms."""
     import test_layer_multirank as lm
 
     job = (2, lm._results(2, "cuda"))
