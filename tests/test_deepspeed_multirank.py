@@ -28,7 +28,6 @@ from torch import nn
 
 from multirank import run_ranks
 
-import base_plugin.deepspeed  # noqa: F401  (selects DeepSpeed's CPU accelerator before deepspeed is imported)
 
 D, FFN, E, VOCAB, SEQ, MICRO, SEED = 16, 24, 4, 256, 8, 2, 3
 TIMEOUT = 400

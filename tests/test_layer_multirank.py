@@ -37,17 +37,6 @@ def round_plan(r, world):
     return counts, mode, batched, x, up
 
 
-def _cpu(obj):
-    """``obj`` (tensors in dicts and lists) with every tensor on the CPU."""
-    if isinstance(obj, torch.Tensor):
-        return obj.cpu()
-    if isinstance(obj, dict):
-        return {k: _cpu(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_cpu(v) for v in obj]
-    return obj
-
-
 def _job(rank, world, device="cpu"):
     torch.set_default_dtype(torch.float64)
     dev = torch.device(device)
@@ -125,7 +114,7 @@ def _job(rank, world, device="cpu"):
     # Many tensors through the result queue would go by shared memory, which dies with the rank:
     # send one blob of bytes instead.
     blob = io.BytesIO()
-    torch.save(_cpu(out), blob)
+    torch.save(out, blob)
     return blob.getvalue()
 
 
@@ -136,7 +125,7 @@ def _results(world, device="cpu"):
     """Every rank's results (CPU tensors) of ``_job`` on ``world`` gloo ranks with the layers on ``device``."""
     if (world, device) not in _JOBS:
         blobs = run_ranks(_job, world, device, timeout=TIMEOUT)
-        _JOBS[world, device] = [torch.load(io.BytesIO(b), weights_only=False) for b in blobs]
+        _JOBS[world, device] = [torch.load(io.BytesIO(b), map_location="cpu", weights_only=False) for b in blobs]
     return _JOBS[world, device]
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import base_plugin.deepspeed  # selects DeepSpeed's CPU accelerator before deepspeed is imported
+import base_plugin.deepspeed  # CPU accelerator: tests/conftest.py
 from base_plugin.optim import SLAMB
 from base_plugin.optim.integrations import check_deepspeed_config
 from collective_spy import CollectiveSpy
