@@ -1,7 +1,9 @@
 from setuptools import Extension, find_packages, setup
 
 DEEPSPEED = ["deepspeed>=0.16"]
-MEGATRON = ["megatron-core>=0.16,<0.17"]  # tested: 0.16.1
+# Supported: 0.16.1 to the newest 0.19.x (base_plugin/megatron/compat.py). On Python 3.11 pip picks 0.16.1:
+# 0.17+ declare Requires-Python >= 3.12 (their cp311 wheels work; see docs/megatron.md for installing them).
+MEGATRON = ["megatron-core>=0.16.1,<0.20"]
 DEMO = ["matplotlib>=3.5", "tensorboard>=2.10", "tqdm"]
 
 # The exact-assignment CPU kernel: plain C++ against the CPython API (no torch headers, builds in
