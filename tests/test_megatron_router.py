@@ -181,8 +181,8 @@ def _equal_to_base_layer(rank, world):
     # paper form: from a full GPT layer spec; pre_mlp_layernorm moves into the MoE layer
     layer_spec = get_gpt_layer_with_base_spec(E, use_te=False, paper_form=True, shuffle=False)
     assert layer_spec.submodules.pre_mlp_layernorm is IdentityOp
-    # Megatron's own TransformerLayer around it, attention left out (attention needs CUDA in
-    # megatron-core 0.16): its residual add turns the MoE output into the paper's mix
+    # Megatron's own TransformerLayer around it, attention left out (the local attention's forward
+    # forks Megatron's CUDA RNG tracker): its residual add turns the MoE output into the paper's mix
     block = copy.deepcopy(layer_spec)
     block.submodules.input_layernorm = IdentityOp
     block.submodules.self_attention = IdentityOp
