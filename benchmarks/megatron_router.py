@@ -10,8 +10,9 @@ expert bias (sigmoid scores, ``moe_router_enable_expert_bias``); and, on megatro
 balancing (per-expert dual prices). The stateful routers (expert bias, quantile balancing) first run
 ``--warmup`` training batches of the same token distribution with Megatron's own per-global-batch
 update after each (``finalize_model_grads._update_router_expert_bias`` / ``_update_router_qb_beta``),
-as in training; then every router routes one fresh batch. Tokens come from a mixture around a few
-directions, so plain top-1 is unbalanced.
+as in training; then every router routes one fresh batch. Tokens are N(0, 1) ("gaussian") or drawn
+around a few directions ("clustered": plain top-1 is then badly unbalanced, and the balanced
+assignment is degenerate — many tokens want the same experts).
 
 Columns: median wall time of one router call (training mode, forward only; all rows timed round-robin
 so that machine load affects them alike), max / mean tokens per expert, dropped tokens (routed
@@ -24,6 +25,7 @@ Prints a markdown table; timings, not assertions.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import sys
@@ -86,12 +88,15 @@ def _router(options: dict, experts: int, hidden: int):
     return TopKRouter(config, pg_collection=default_pg_collection()), config
 
 
-def _tokens(centres, n, seed):
+def _tokens(centres, n, hidden, seed):
+    """[n, 1, hidden] tokens: each around one of ``centres`` (clustered), or N(0, 1) if ``centres`` is None."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
+    if centres is None:
+        return torch.randn(n, 1, hidden, generator=g)
     which = torch.randint(0, centres.shape[0], (n,), generator=g)
-    return (centres[which] + 0.5 * torch.randn(n, centres.shape[1], generator=g))[:, None, :]
+    return (centres[which] + 0.5 * torch.randn(n, hidden, generator=g))[:, None, :]
 
 
 def _update(router, config):
@@ -121,7 +126,7 @@ def _interleaved_medians_ms(fns, repeats: int):
     return [1e3 * statistics.median(t) for t in times]
 
 
-def run(tokens_list, experts_list, hidden, warmup, repeats):
+def run(tokens_list, experts_list, hidden, warmup, repeats, distributions):
     import torch
 
     from base_plugin.assignment import solve_balanced_assignment
@@ -129,36 +134,36 @@ def run(tokens_list, experts_list, hidden, warmup, repeats):
 
     rows = []
     kinds = _kinds()
-    for experts in experts_list:
-        for tokens in tokens_list:
-            torch.manual_seed(0)
-            centres = torch.randn(max(2, experts // 4), hidden)  # few popular directions: top-1 is unbalanced
-            weight = torch.randn(experts, hidden) / hidden ** 0.5
-            routers = {}
-            with cuda_calls_on_cpu():
-                for name, options in kinds.items():
-                    router, config = _router(options, experts, hidden)
-                    with torch.no_grad():
-                        router.weight.copy_(weight)
-                    router.train()
-                    for step in range(warmup):
-                        router(_tokens(centres, tokens, seed=1000 + step))
-                        if config is not None:
-                            _update(router, config)
-                    routers[name] = router
-                x = _tokens(centres, tokens, seed=1)
-                scores = (x.reshape(-1, hidden) @ weight.t()).double()
-                optimum = float(solve_balanced_assignment(scores).objective)
-                calls = [lambda r=r: r(x) for r in routers.values()]
-                times = _interleaved_medians_ms(calls, repeats)
-                for (name, router), ms in zip(routers.items(), times):
-                    _, rmap = router(x)
-                    load = rmap.sum(0).double()
-                    routed = rmap.any(1)
-                    objective = float((scores * rmap.double()).sum())
-                    rows.append((tokens, experts, name, ms, float(load.max()), tokens / experts,
-                                 int((~routed).sum()), objective / optimum))
-                    print(f"  {tokens} tokens, {experts} experts, {name}: {ms:.2f} ms", flush=True)
+    for distribution, experts, tokens in itertools.product(distributions, experts_list, tokens_list):
+        torch.manual_seed(0)
+        # clustered: a few popular directions, so top-1 is unbalanced and the assignment degenerate
+        centres = torch.randn(max(2, experts // 4), hidden) if distribution == "clustered" else None
+        weight = torch.randn(experts, hidden) / hidden ** 0.5
+        routers = {}
+        with cuda_calls_on_cpu():
+            for name, options in kinds.items():
+                router, config = _router(options, experts, hidden)
+                with torch.no_grad():
+                    router.weight.copy_(weight)
+                router.train()
+                for step in range(warmup):
+                    router(_tokens(centres, tokens, hidden, seed=1000 + step))
+                    if config is not None:
+                        _update(router, config)
+                routers[name] = router
+            x = _tokens(centres, tokens, hidden, seed=1)
+            scores = (x.reshape(-1, hidden) @ weight.t()).double()
+            optimum = float(solve_balanced_assignment(scores).objective)
+            calls = [lambda r=r: r(x) for r in routers.values()]
+            times = _interleaved_medians_ms(calls, repeats)
+            for (name, router), ms in zip(routers.items(), times):
+                _, rmap = router(x)
+                load = rmap.sum(0).double()
+                routed = rmap.any(1)
+                objective = float((scores * rmap.double()).sum())
+                rows.append((distribution, tokens, experts, name, ms, float(load.max()), tokens / experts,
+                             int((~routed).sum()), objective / optimum))
+                print(f"  {distribution}, {tokens} tokens, {experts} experts, {name}: {ms:.2f} ms", flush=True)
     return rows
 
 
@@ -170,19 +175,21 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=20, help="training batches (with updates) before the measured one")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--distributions", nargs="+", choices=["gaussian", "clustered"], default=["gaussian", "clustered"])
     a = p.parse_args(argv)
     _setup(a.threads)
     import megatron.core
     import torch
 
-    rows = run(a.tokens, a.experts, a.hidden, a.warmup, a.repeats)
+    rows = run(a.tokens, a.experts, a.hidden, a.warmup, a.repeats, a.distributions)
     print(f"\nMegatron-core routers, top-1, on CPU ({torch.get_num_threads()} threads), torch {torch.__version__}, "
           f"megatron-core {megatron.core.__version__}; hidden {a.hidden}, fp32 routing, {a.warmup} warm-up batches, "
           f"median of {a.repeats}\n")
-    print("| tokens | experts | router | ms / call | max / mean tokens per expert | dropped | objective / exact optimum |")
-    print("|---:|---:|---|---:|---:|---:|---:|")
-    for tokens, experts, name, ms, hi, mean, dropped, ratio in rows:
-        print(f"| {tokens} | {experts} | {name} | {ms:.2f} | {hi / mean:.2f} ({int(hi)} / {mean:g}) | {dropped} | "
+    print("| tokens | n | experts | router | ms / call | max / mean tokens per expert | dropped | "
+          "objective / exact optimum |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|")
+    for distribution, tokens, experts, name, ms, hi, mean, dropped, ratio in rows:
+        print(f"| {distribution} | {tokens} | {experts} | {name} | {ms:.2f} | {hi / mean:.2f} ({int(hi)} / {mean:g}) | {dropped} | "
               f"{ratio:.4f} |")
 
 

@@ -29,7 +29,7 @@ for version in "$@"; do
         [[ -d $root/triton/triton ]] || $py -m pip install -q --no-deps --target "$root/triton" "triton<4" || exit 1
         path="$dir:$root/triton"
     fi
-    got="$(PYTHONPATH="$path" $py -c 'import megatron.core as m; print(m.__version__)')"
+    got="$(PYTHONPATH="$path" $py -c 'import megatron.core as m; print(m.__version__)' 2>/dev/null)"
     [[ $got == "$version" ]] || { echo "megatron-core $version: imported $got instead" >&2; exit 1; }
     log="$root/pytest-$version.log"
     echo "== megatron-core $version (log: $log)"
