@@ -10,7 +10,10 @@ VERSION = re.search(r'^__version__ = "([^"]+)"', (HERE / "base_plugin" / "__init
 
 TORCH = "torch>=2.4"
 DEEPSPEED = ["deepspeed>=0.16"]
-MEGATRON = ["torch>=2.6", "megatron-core>=0.16.1,<0.17"]  # tested: 0.16.1
+# Supported: 0.16.1 to the newest 0.19.x (base_plugin/megatron/compat.py); megatron-core 0.16.1 needs
+# torch >= 2.6. On Python 3.11 pip picks 0.16.1: 0.17+ declare Requires-Python >= 3.12 (their cp311
+# wheels work; docs/megatron.md says how to install them, and .ci/run does).
+MEGATRON = ["torch>=2.6", "megatron-core>=0.16.1,<0.20"]
 DEMO = ["matplotlib>=3.5", "tensorboard>=2.10", "tqdm"]
 
 # Directories beside the package that the installed package reads (base_plugin.resources.shipped):

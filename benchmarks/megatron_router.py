@@ -1,24 +1,40 @@
-"""Megatron-core MoELayer forward+backward time: BASE router vs TopKRouter top-1 and top-2 (aux loss), on CPU.
+"""Megatron-core routers on the same tokens and experts: BASE vs Megatron's own balancing routers, on CPU.
 
-    python benchmarks/megatron_router.py [--tokens 1024 4096] [--experts 8 32] [--hidden 256] [--ffn 512]
-                                         [--repeats 10] [--threads 1]
+    python benchmarks/megatron_router.py [--tokens 1024 4096] [--experts 8 32] [--hidden 256]
+                                         [--warmup 20] [--repeats 20] [--threads 1]
 
-Same MoELayer (SequentialMLP experts, allgather dispatcher, EP 1, fp32), same hidden states and expert
-sizes; only the router differs. ``TopKRouter.gating`` moves its weight to CUDA in megatron-core 0.16,
-so the TopKRouter rows use a subclass whose gating is the same linear map kept on the CPU; everything
-else in them is Megatron's (softmax top-k, aux loss). Prints a markdown table: median wall time of
-forward+backward of the layer, of the router's forward alone (timed round-robin across the three
-routers so that machine load affects them alike), and the largest / smallest number of
-tokens any expert received (BASE: balanced exactly by construction). Timings, not assertions.
+Rows (all top-1, one router weight shared by every row, so every router scores the same tokens the same
+way): ``BaseRouter`` (exact balanced assignment); ``TopKRouter`` with the aux loss (coefficient 1e-2),
+without and with capacity factor 1.0 (tokens over capacity dropped); ``sinkhorn``; aux-loss-free
+expert bias (sigmoid scores, ``moe_router_enable_expert_bias``); and, on megatron-core 0.19+, quantile
+balancing (per-expert dual prices). The stateful routers (expert bias, quantile balancing) first run
+``--warmup`` training batches of the same token distribution with Megatron's own per-global-batch
+update after each (``finalize_model_grads._update_router_expert_bias`` / ``_update_router_qb_beta``),
+as in training; then every router routes one fresh batch. Tokens are N(0, 1) ("gaussian") or drawn
+around a few directions ("clustered": plain top-1 is then badly unbalanced, and the balanced
+assignment is degenerate — many tokens want the same experts).
+
+Columns: median wall time of one router call (training mode, forward only; all rows timed round-robin
+so that machine load affects them alike), max / mean tokens per expert, dropped tokens (routed
+nowhere), and the objective ``Σ_t s[t, e(t)]`` (s = the shared logits) over the exact optimum of the
+balanced problem (``balanced_assignment``): BASE is 1 by construction; an unbalanced router can exceed
+1 because it ignores the balance constraint. Megatron's stray ``torch.cuda`` calls (``TopKRouter.gating``
+moves its weight to ``torch.cuda.current_device()``) are answered by the tests' CPU helper.
+Prints a markdown table; timings, not assertions.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
+import sys
 import time
 
-from base_plugin.launch import free_port
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # megatron_cpu: the torch.cuda answers for a CPU-only torch
+
+from base_plugin.launch import free_port  # noqa: E402
 
 
 def _setup(threads: int):
@@ -26,7 +42,6 @@ def _setup(threads: int):
     import torch.distributed as dist
 
     torch.set_num_threads(threads)
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if not dist.is_initialized():
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     from megatron.core import parallel_state as ps
@@ -35,46 +50,71 @@ def _setup(threads: int):
         ps.initialize_model_parallel()
 
 
-def _cpu_topk_router():
+def _kinds():
+    from base_plugin.megatron import compat
+
+    kinds = {
+        "BaseRouter (exact)": dict(base=True),
+        "TopKRouter + aux loss": dict(moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=1e-2,
+                                      moe_router_pre_softmax=True),
+        "TopKRouter + aux loss, capacity 1.0": dict(moe_router_load_balancing_type="aux_loss",
+                                                    moe_aux_loss_coeff=1e-2, moe_router_pre_softmax=True,
+                                                    moe_expert_capacity_factor=1.0),
+        "sinkhorn": dict(moe_router_load_balancing_type="sinkhorn", moe_aux_loss_coeff=0.0),
+        "expert bias (aux-loss-free)": dict(moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
+                                            moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+                                            moe_router_bias_update_rate=1e-2),
+    }
+    if compat.VERSION >= (0, 19, 0):
+        kinds["quantile balancing"] = dict(moe_router_load_balancing_type="quantile_balancing",
+                                           moe_aux_loss_coeff=0.0, moe_router_pre_softmax=True)
+    return kinds
+
+
+def _router(options: dict, experts: int, hidden: int):
     import torch
-    from megatron.core.transformer.moe.router import TopKRouter
-
-    class CPUTopKRouter(TopKRouter):
-        """TopKRouter with its gating linear map computed where the input is (CPU here)."""
-
-        def gating(self, input):
-            return torch.nn.functional.linear(input.float(), self.weight.float())
-
-    return CPUTopKRouter
-
-
-def _layer(kind: str, experts: int, hidden: int, ffn: int):
-    import torch
-    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
-    from megatron.core.transformer.spec_utils import build_module
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from base_plugin.megatron import base_config_kwargs, with_base_router
+    from base_plugin.megatron import BaseRouter, base_config_kwargs
+    from base_plugin.megatron.compat import TopKRouter, default_pg_collection
 
     common = dict(num_layers=1, hidden_size=hidden, num_attention_heads=4, num_moe_experts=experts,
-                  moe_ffn_hidden_size=ffn, ffn_hidden_size=ffn, moe_token_dispatcher_type="allgather",
-                  use_cpu_initialization=True, add_bias_linear=False, params_dtype=torch.float32)
-    spec = get_moe_module_spec(use_te=False, num_experts=experts)
-    if kind == "BASE":
-        config = TransformerConfig(**common, **base_config_kwargs())
-        spec = with_base_router(spec, shuffle=False)
-    else:
-        topk = 1 if kind.endswith("top-1") else 2
-        config = TransformerConfig(**common, moe_router_topk=topk, moe_router_load_balancing_type="aux_loss",
-                                   moe_aux_loss_coeff=1e-2, moe_router_pre_softmax=topk == 1)
-        spec.submodules.router = _cpu_topk_router()
-    torch.manual_seed(0)
-    return build_module(spec, config=config)
+                  use_cpu_initialization=True, add_bias_linear=False, params_dtype=torch.float32,
+                  moe_router_dtype="fp32")
+    options = dict(options)
+    if options.pop("base", False):
+        return BaseRouter(TransformerConfig(**common, **base_config_kwargs()), shuffle=False), None
+    config = TransformerConfig(**common, moe_router_topk=1, **options)
+    return TopKRouter(config, pg_collection=default_pg_collection()), config
+
+
+def _tokens(centres, n, hidden, seed):
+    """[n, 1, hidden] tokens: each around one of ``centres`` (clustered), or N(0, 1) if ``centres`` is None."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    if centres is None:
+        return torch.randn(n, 1, hidden, generator=g)
+    which = torch.randint(0, centres.shape[0], (n,), generator=g)
+    return (centres[which] + 0.5 * torch.randn(n, hidden, generator=g))[:, None, :]
+
+
+def _update(router, config):
+    """Megatron's own per-global-batch update of a stateful router (what finalize_model_grads runs)."""
+    import importlib
+
+    # the module, not the function of the same name that megatron.core.distributed exports
+    fmg = importlib.import_module("megatron.core.distributed.finalize_model_grads")
+
+    if getattr(router, "expert_bias", None) is not None:
+        fmg._update_router_expert_bias([router], config)
+    if getattr(router, "qb_beta_accum", None) is not None:
+        fmg._update_router_qb_beta([router], config)
+        router.qb_beta_accum.zero_()
+        router.qb_beta_count.zero_()
 
 
 def _interleaved_medians_ms(fns, repeats: int):
-    """Median wall time of each function, timed round-robin (one call of each per round), so that a
-    change of machine load during the run affects all of them alike."""
     for fn in fns:
         fn()  # warm-up
     times = [[] for _ in fns]
@@ -86,37 +126,44 @@ def _interleaved_medians_ms(fns, repeats: int):
     return [1e3 * statistics.median(t) for t in times]
 
 
-def run(tokens_list, experts_list, hidden, ffn, repeats):
+def run(tokens_list, experts_list, hidden, warmup, repeats, distributions):
     import torch
 
-    kinds = ("BASE", "TopKRouter top-1", "TopKRouter top-2 + aux loss")
+    from base_plugin.assignment import solve_balanced_assignment
+    from megatron_cpu import cuda_calls_on_cpu
+
     rows = []
-    for experts in experts_list:
-        for tokens in tokens_list:
-            torch.manual_seed(1)
-            x = torch.randn(tokens // 4, 4, hidden)
-            steps, routes, loads = [], [], []
-            for kind in kinds:
-                layer = _layer(kind, experts, hidden, ffn).train()
-                h = x.clone().requires_grad_()
-
-                def step(layer=layer, h=h):
-                    out, _ = layer(h)
-                    out.sum().backward()
-
-                def route(layer=layer, h=h):
-                    with torch.no_grad():
-                        layer.router(h)
-
-                steps.append(step)
-                routes.append(route)
+    kinds = _kinds()
+    for distribution, experts, tokens in itertools.product(distributions, experts_list, tokens_list):
+        torch.manual_seed(0)
+        # clustered: a few popular directions, so top-1 is unbalanced and the assignment degenerate
+        centres = torch.randn(max(2, experts // 4), hidden) if distribution == "clustered" else None
+        weight = torch.randn(experts, hidden) / hidden ** 0.5
+        routers = {}
+        with cuda_calls_on_cpu():
+            for name, options in kinds.items():
+                router, config = _router(options, experts, hidden)
                 with torch.no_grad():
-                    loads.append(layer.router(h)[1].sum(0))
-            totals = _interleaved_medians_ms(steps, repeats)
-            routers = _interleaved_medians_ms(routes, repeats)
-            for kind, total, router, load in zip(kinds, totals, routers, loads):
-                rows.append((tokens, experts, kind, total, router, int(load.max()), int(load.min())))
-                print(f"  {tokens} tokens, {experts} experts, {kind}: {total:.1f} ms", flush=True)
+                    router.weight.copy_(weight)
+                router.train()
+                for step in range(warmup):
+                    router(_tokens(centres, tokens, hidden, seed=1000 + step))
+                    if config is not None:
+                        _update(router, config)
+                routers[name] = router
+            x = _tokens(centres, tokens, hidden, seed=1)
+            scores = (x.reshape(-1, hidden) @ weight.t()).double()
+            optimum = float(solve_balanced_assignment(scores).objective)
+            calls = [lambda r=r: r(x) for r in routers.values()]
+            times = _interleaved_medians_ms(calls, repeats)
+            for (name, router), ms in zip(routers.items(), times):
+                _, rmap = router(x)
+                load = rmap.sum(0).double()
+                routed = rmap.any(1)
+                objective = float((scores * rmap.double()).sum())
+                rows.append((distribution, tokens, experts, name, ms, float(load.max()), tokens / experts,
+                             int((~routed).sum()), objective / optimum))
+                print(f"  {distribution}, {tokens} tokens, {experts} experts, {name}: {ms:.2f} ms", flush=True)
     return rows
 
 
@@ -125,22 +172,25 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096])
     p.add_argument("--experts", type=int, nargs="+", default=[8, 32])
     p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--ffn", type=int, default=512)
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=20, help="training batches (with updates) before the measured one")
+    p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--distributions", nargs="+", choices=["gaussian", "clustered"], default=["gaussian", "clustered"])
     a = p.parse_args(argv)
     _setup(a.threads)
     import megatron.core
     import torch
 
-    rows = run(a.tokens, a.experts, a.hidden, a.ffn, a.repeats)
-    print(f"\nMoELayer forward+backward on CPU ({torch.get_num_threads()} threads), torch {torch.__version__}, "
-          f"megatron-core {megatron.core.__version__}; hidden {a.hidden}, expert FFN {a.ffn}, fp32, "
-          f"SequentialMLP experts, allgather dispatcher, median of {a.repeats}\n")
-    print("| tokens | experts | router | fwd+bwd ms | router fwd ms | max / min tokens per expert |")
-    print("|---:|---:|---|---:|---:|---:|")
-    for tokens, experts, kind, total, router, hi, lo in rows:
-        print(f"| {tokens} | {experts} | {kind} | {total:.1f} | {router:.2f} | {hi} / {lo} |")
+    rows = run(a.tokens, a.experts, a.hidden, a.warmup, a.repeats, a.distributions)
+    print(f"\nMegatron-core routers, top-1, on CPU ({torch.get_num_threads()} threads), torch {torch.__version__}, "
+          f"megatron-core {megatron.core.__version__}; hidden {a.hidden}, fp32 routing, {a.warmup} warm-up batches, "
+          f"median of {a.repeats}\n")
+    print("| tokens | n | experts | router | ms / call | max / mean tokens per expert | dropped | "
+          "objective / exact optimum |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|")
+    for distribution, tokens, experts, name, ms, hi, mean, dropped, ratio in rows:
+        print(f"| {distribution} | {tokens} | {experts} | {name} | {ms:.2f} | {hi / mean:.2f} ({int(hi)} / {mean:g}) | {dropped} | "
+              f"{ratio:.4f} |")
 
 
 if __name__ == "__main__":

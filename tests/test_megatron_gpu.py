@@ -1,9 +1,11 @@
-"""BASE routing in Megatron-core on GPUs: the parts megatron-core 0.16 runs only with CUDA.
+"""BASE routing in Megatron-core on GPUs: the parts that need CUDA in every supported release (0.16.1 – 0.19.x).
 
 Full GPTModel with the BASE spec (local and, where Transformer Engine is installed, TE specs with
-grouped GEMM), the alltoall dispatcher, EP 2 == EP 1 on the same tokens, EP 2 x TP 2 with sequence
-parallelism, distributed-checkpoint save/load and resharding between EP 2 and EP 1, and the Megatron-LM
-example end to end (with MEGATRON_LM_DIR pointing at a core_v0.16.1 checkout).
+grouped GEMM) with a forward/backward (its attention needs CUDA), the alltoall dispatcher over NCCL,
+EP 2 == EP 1 on the same tokens, EP 2 x TP 2 with sequence parallelism, distributed-checkpoint
+save/load and resharding between EP 2 and EP 1, and the Megatron-LM example end to end (with
+MEGATRON_LM_DIR pointing at a core_v0.19.0 or core_v0.16.1 checkout). The CPU versions of the EP tests
+(gloo, both dispatchers) are in test_megatron_ep.py.
 
 Skipped without CUDA (and each multi-GPU test without enough GPUs). Ranks are spawned by
 tests/multirank.py, which joins them with gloo; each rank then re-joins over NCCL on 127.0.0.1.
@@ -20,9 +22,8 @@ import pytest
 import torch
 
 if not torch.cuda.is_available():
-    pytest.skip("needs CUDA: megatron-core 0.16's alltoall dispatcher, attention and EP > 1 forward are "
-                "GPU-only (dist-ckpt resharding of the weights runs on CPU in test_megatron_router.py)",
-                allow_module_level=True)
+    pytest.skip("needs CUDA: NCCL, GPU experts and a whole GPTModel forward (the CPU versions of the EP "
+                "tests run in test_megatron_ep.py)", allow_module_level=True)
 pytest.importorskip("megatron.core")
 
 from multirank import free_port, run_ranks  # noqa: E402
@@ -77,13 +78,12 @@ def _config(**kw):
 
 def _moe_layer(config, seed, use_te=False, **router_options):
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
-    from megatron.core.transformer.spec_utils import build_module
 
     from base_plugin.megatron import with_base_router
 
     torch.manual_seed(seed)
     spec = with_base_router(get_moe_module_spec(use_te=use_te, num_experts=E), shuffle=False, **router_options)
-    return build_module(spec, config=config).cuda()
+    return spec(config=config).cuda()  # a ModuleSpec (0.16, 0.17) or a partial (0.18+): both build when called
 
 
 def _have_te():
@@ -99,21 +99,18 @@ def _gpt(rank, world, port, use_te, paper_form, config_route, grouped):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    from base_plugin.megatron import BaseRouter, get_gpt_layer_with_base_spec, register, unregister
+    from base_plugin.megatron import build_gpt_model, check_base_routers, get_gpt_layer_with_base_spec
 
     _nccl(rank, world, port)
     config = _config(moe_grouped_gemm=grouped)
-    if config_route:
-        register()
-        spec = get_gpt_layer_local_spec(num_experts=E)  # stock spec, TopKRouter named in it
+    torch.manual_seed(0)
+    if config_route:  # stock spec (TopKRouter named in it) + the "base" config flag
+        model = build_gpt_model(config, get_gpt_layer_local_spec(num_experts=E), vocab_size=128,
+                                max_sequence_length=32).cuda()
     else:
         spec = get_gpt_layer_with_base_spec(E, use_te=use_te, paper_form=paper_form, moe_grouped_gemm=grouped)
-    try:
-        torch.manual_seed(0)
         model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=128, max_sequence_length=32).cuda()
-    finally:
-        unregister()
-    routers = [m for m in model.modules() if isinstance(m, BaseRouter)]
+    routers = check_base_routers(model)
     assert len(routers) == config.num_layers
     b, s = 3, 32
     tokens = torch.randint(0, 128, (b, s), device="cuda")
@@ -237,7 +234,7 @@ def test_dist_ckpt_round_trip_one_gpu(tmp_path):
 
 # ------------------------------------------------------------------ the Megatron-LM recipe
 @pytest.mark.skipif(not os.environ.get("MEGATRON_LM_DIR"), reason="set MEGATRON_LM_DIR to a Megatron-LM "
-                    "core_v0.16.1 checkout to run the recipe")
+                    "core_v0.19.0 (or core_v0.16.1) checkout to run the recipe")
 def test_pretrain_gpt_base_example_runs(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.environ["MEGATRON_LM_DIR"], root]),

@@ -1,9 +1,10 @@
 """SLAMB with megatron-core's DistributedDataParallel on 2 gloo CPU ranks (base_plugin.optim.integrations).
 
-megatron-core 0.16.1 allocates the DDP gradient buffer on ``torch.cuda.current_device()``
-(megatron/core/distributed/param_and_grad_buffer.py, ``_ParamAndGradBuffer.__init__``, line 806), which
-fails on a CPU-only torch. The test therefore answers ``torch.cuda.current_device()`` with ``"cpu"``
-while the DDP is being built, and only then (``megatron_cpu.cuda_calls_on_cpu``); everything after that -- backward hooks into ``main_grad``,
+megatron-core allocates the DDP gradient buffer on ``torch.cuda.current_device()``
+(megatron/core/distributed/param_and_grad_buffer.py, ``_ParamAndGradBuffer.__init__``), and from 0.19
+its bucket all-reduce asks ``torch.cuda.current_stream()``; both fail on a CPU-only torch. The test
+answers those calls (``megatron_cpu.cuda_calls_on_cpu``, "cpu" / a stream that orders nothing) while
+it runs; everything else -- backward hooks into ``main_grad``,
 Megatron's own ``finalize_model_grads``, the bucket groups' all-reduce -- is Megatron's code, run on CPU.
 
 * with :func:`disable_megatron_grad_sync`, Megatron's ``finalize_model_grads`` moves no bytes; SLAMB
@@ -74,6 +75,11 @@ def _train(rank, k, overlap, disable):
 
 
 def _job(rank, world):
+    with cuda_calls_on_cpu():  # megatron-core 0.19's bucket all-reduce asks torch.cuda.current_stream()
+        return _job_on_cpu(rank)
+
+
+def _job_on_cpu(rank):
     warnings.filterwarnings("ignore")
     from megatron.core import parallel_state
 

@@ -30,8 +30,9 @@ from typing import Optional, Union
 import torch
 
 from megatron.core.transformer.identity_op import IdentityOp
-from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
-from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from .compat import MoELayer, MoESubmodules
 
 
 @dataclass
@@ -51,7 +52,9 @@ class BasePaperMoELayer(MoELayer):
     """
 
     def __init__(self, config, submodules: Optional[BasePaperMoESubmodules] = None,
-                 layer_number: Optional[int] = None, pg_collection=None):
+                 layer_number: Optional[int] = None, pg_collection=None, **megatron_kwargs):
+        # megatron_kwargs: what the installed release's TransformerLayer gives its MoE layer besides
+        # these (0.17+: is_mtp_layer; 0.19: name), passed to MoELayer unchanged.
         if config.moe_shared_expert_intermediate_size is not None:
             raise ValueError("BasePaperMoELayer: moe_shared_expert_intermediate_size="
                              f"{config.moe_shared_expert_intermediate_size!r} is not supported; allowed: None "
@@ -59,10 +62,11 @@ class BasePaperMoELayer(MoELayer):
         if config.moe_latent_size:
             raise ValueError(f"BasePaperMoELayer: moe_latent_size={config.moe_latent_size!r} is not supported; "
                              "allowed: None")
-        super().__init__(config, submodules, layer_number=layer_number, pg_collection=pg_collection)
+        super().__init__(config, submodules, layer_number=layer_number, pg_collection=pg_collection,
+                         **megatron_kwargs)
         norm = getattr(submodules, "expert_norm", IdentityOp)
-        self.expert_norm = build_module(norm, config=config, hidden_size=config.hidden_size,
-                                        eps=config.layernorm_epsilon)
+        # a ModuleSpec, a class or (0.17+) a partial: each builds by being called
+        self.expert_norm = norm(config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon)
 
     def preprocess(self, hidden_states: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor):
         # The router has seen h; the experts get LN(h).

@@ -42,12 +42,11 @@ from typing import Dict, Optional, Union
 import torch
 import torch.distributed as dist
 
-from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
-from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..layer.routing import Router as RouterChoice
 from ..layer.routing import check_router, route_shuffled
+from .compat import TopKRouter, config_value, default_pg_collection, router_kwargs
 
 LOAD_BALANCING_TYPE = "base"
 _SHUFFLE_GROUPS = ("tp_dp_cp", "ep")
@@ -96,17 +95,20 @@ def check_base_config(config: TransformerConfig) -> None:
         bad("moe_router_topk_scaling_factor", config.moe_router_topk_scaling_factor, "None or 1")
     if config.moe_router_force_load_balancing:
         bad("moe_router_force_load_balancing", True, "False")
-    if getattr(config, "moe_enable_routing_replay", False):
+    if config_value(config, "moe_enable_routing_replay", False):
         bad("moe_enable_routing_replay", True, "False")
+    if config_value(config, "moe_router_force_biased") is not None:  # 0.19+
+        bad("moe_router_force_biased", config.moe_router_force_biased, "None")
 
 
 class BaseRouter(TopKRouter):
     """Megatron-core router for BASE layers (top-1, exact balanced assignment per rank, sigmoid gate).
 
     Build it through a layer spec (``MoESubmodules(router=BaseRouter)``, or
-    :func:`base_plugin.megatron.with_base_router` on any GPT spec) or by the config flag
-    ``moe_router_load_balancing_type="base"`` after :func:`base_plugin.megatron.register`.
-    Keyword options (set them with ``functools.partial`` in a spec, or ``register(**options)``):
+    :func:`base_plugin.megatron.with_base_router` on any GPT spec), or by the config flag
+    ``moe_router_load_balancing_type="base"`` through :func:`base_plugin.megatron.build_gpt_model` /
+    :func:`base_plugin.megatron.spec_for_config`. Keyword options (set them with ``functools.partial``
+    in a spec, or as keywords of those functions):
 
     Args:
         config: the ``TransformerConfig``; :func:`check_base_config` must accept it.
@@ -116,6 +118,9 @@ class BaseRouter(TopKRouter):
             the paper's "all workers"), ``"ep"`` (the expert-parallel group) or a ``ProcessGroup``.
         assignment: routing while training: ``"exact"`` (default) | ``"greedy"`` | callable(scores[n, E]) -> LongTensor[n].
         inference: routing while not training (``self.training`` is False): ``"greedy"`` (default) | ``"exact"`` | callable.
+        megatron_kwargs: what ``MoELayer`` passes to its router besides ``config`` and ``pg_collection``
+            in the installed release (0.17+: ``is_mtp_layer``), handed to ``TopKRouter`` unchanged; any
+            other keyword raises ValueError naming it (:func:`base_plugin.megatron.compat.router_kwargs`).
 
     The router weight ``[E, d]`` holds the expert centroids (Megatron's ``mlp.router.weight``,
     replicated like ``TopKRouter``'s, so checkpoints, distributed checkpoints and resharding across
@@ -130,7 +135,8 @@ class BaseRouter(TopKRouter):
 
     def __init__(self, config: TransformerConfig, pg_collection=None, *, shuffle: bool = True,
                  shuffle_group: Union[str, dist.ProcessGroup] = "tp_dp_cp", assignment: RouterChoice = "exact",
-                 inference: RouterChoice = "greedy") -> None:
+                 inference: RouterChoice = "greedy", **megatron_kwargs) -> None:
+        megatron_kwargs = router_kwargs("BaseRouter", megatron_kwargs)
         check_base_config(config)
         for name, choice in (("assignment", assignment), ("inference", inference)):
             check_router(name, choice, "BaseRouter")
@@ -138,8 +144,8 @@ class BaseRouter(TopKRouter):
             raise ValueError(f"BaseRouter: shuffle_group must be one of {_SHUFFLE_GROUPS} or a ProcessGroup, "
                              f"got {shuffle_group!r}")
         if pg_collection is None:
-            pg_collection = get_default_pg_collection()
-        super().__init__(config=config, pg_collection=pg_collection)
+            pg_collection = default_pg_collection()
+        super().__init__(config=config, pg_collection=pg_collection, **megatron_kwargs)
         self.topk = 1
         self.shuffle, self.assignment, self.inference = bool(shuffle), assignment, inference
         if isinstance(shuffle_group, str):

@@ -1,7 +1,8 @@
 """Megatron-LM GPT pretraining with BASE layers, through Megatron-LM's own ``pretrain()``.
 
-Run from anywhere with a Megatron-LM checkout (tested against tag ``core_v0.16.1``, the release that
-matches megatron-core 0.16.1) on ``PYTHONPATH``; every ``pretrain_gpt.py`` argument works, plus:
+Run from anywhere with a Megatron-LM checkout on ``PYTHONPATH`` (tag ``core_v0.19.0``, which matches
+megatron-core 0.19, or ``core_v0.16.1``; its ``megatron/core`` is then the megatron-core in use);
+every ``pretrain_gpt.py`` argument works, plus:
 
     --moe-router-load-balancing-type base     BASE routing in every MoE layer (added to the choices)
     --base-no-shuffle                         no random token shuffle before the assignment
@@ -10,8 +11,9 @@ matches megatron-core 0.16.1) on ``PYTHONPATH``; every ``pretrain_gpt.py`` argum
     --base-paper-form                         the paper's exact mix: route and gate on the layer input,
                                               the pre-MLP LayerNorm moved in front of the experts
 
-With ``base``, Megatron-LM's model builder is used unchanged; only the layer specs it asks for come
-back with :class:`base_plugin.megatron.BaseRouter` (the spec route). BASE needs ``--moe-router-topk 1``
+With ``base``, Megatron-LM's model builder (``gpt_builders.gpt_builder``) is used unchanged; the model
+it builds comes from :func:`base_plugin.megatron.build_gpt_model`, so every MoE layer gets a
+:class:`base_plugin.megatron.BaseRouter` or the run stops with an error naming the layer. BASE needs ``--moe-router-topk 1``
 and ``--moe-aux-loss-coeff 0`` (the defaults this script sets) and no ``--moe-expert-capacity-factor``;
 anything else stops with an error naming the option. Without ``base`` the script is ``pretrain_gpt.py``.
 
@@ -27,13 +29,12 @@ Example (1 node, 8 GPUs, EP 8):
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import sys
 from functools import partial
 
 BASE = "base"
-_SPEC_FUNCTIONS = ("get_gpt_decoder_block_spec", "get_gpt_layer_local_spec",
-                   "get_gpt_layer_with_transformer_engine_spec", "get_gpt_decoder_layer_specs")
 
 
 def add_base_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -65,53 +66,40 @@ def uses_base(args) -> bool:
     return BASE in kind if isinstance(kind, (list, tuple)) else kind == BASE
 
 
-def _base_spec(make_spec, args):
-    """``make_spec`` whose result (a spec or a list of specs) has BASE routers in its MoE layers;
-    specs without MoE layers (dense layers, MTP blocks of dense models) come back unchanged."""
-    from base_plugin.megatron import with_base_router
-
-    def convert(spec):
-        try:
-            return with_base_router(spec, **_options(args))
-        except ValueError as exc:
-            if "no MoE layer" in str(exc):
-                return spec
-            raise
-
-    def wrapped(*a, **kw):
-        spec = make_spec(*a, **kw)
-        return [convert(s) for s in spec] if isinstance(spec, list) else convert(spec)
-
-    return wrapped
-
-
 def _options(args):
     return dict(paper_form=args.base_paper_form, shuffle=args.base_shuffle,
                 shuffle_group=args.base_shuffle_group, inference=args.base_inference)
 
 
 def base_gpt_builder(args, pre_process, post_process, vp_stage=None, config=None, pg_collection=None):
-    """Megatron-LM's ``gpt_builder``, with BASE routers in the specs it builds when ``base`` is chosen."""
+    """Megatron-LM's ``gpt_builder``, building BASE routers when ``base`` is chosen.
+
+    Megatron-LM's own builder picks the specs (decoder block, MTP, TE or local, ...) as it always
+    does; only the ``GPTModel`` it constructs is :func:`base_plugin.megatron.build_gpt_model`, which
+    puts :class:`~base_plugin.megatron.BaseRouter` into every MoE layer of those specs and checks the
+    built model (every MoE router a BaseRouter, else ValueError naming the layer and the release)."""
     import gpt_builders
 
     if not uses_base(args):
         return gpt_builders.gpt_builder(args, pre_process, post_process, vp_stage, config=config,
                                         pg_collection=pg_collection)
-    from base_plugin.megatron import check_base_config
-    from megatron.training.arguments import core_transformer_config_from_args
+    from base_plugin.megatron import build_gpt_model, check_base_config
 
     if config is None:
+        from megatron.training.arguments import core_transformer_config_from_args
+
         config = core_transformer_config_from_args(args)
     check_base_config(config)  # a clear error naming the option, before anything is built
-    saved = {name: getattr(gpt_builders, name) for name in _SPEC_FUNCTIONS if hasattr(gpt_builders, name)}
+    options = _options(args)
+    base_model = partial(build_gpt_model, paper_form=options.pop("paper_form"), router_options=options)
+    # gpt_builders names GPTModel at module level; for this one call that name builds BASE models
+    saved = gpt_builders.GPTModel
+    gpt_builders.GPTModel = base_model
     try:
-        for name, fn in saved.items():
-            setattr(gpt_builders, name, _base_spec(fn, args))
         return gpt_builders.gpt_builder(args, pre_process, post_process, vp_stage, config=config,
                                         pg_collection=pg_collection)
     finally:
-        for name, fn in saved.items():
-            setattr(gpt_builders, name, fn)
+        gpt_builders.GPTModel = saved
 
 
 def main() -> None:
@@ -121,18 +109,23 @@ def main() -> None:
         from megatron.training import pretrain
         from model_provider import model_provider
     except ImportError as exc:
-        sys.exit(f"pretrain_gpt_base.py needs a Megatron-LM checkout (tag core_v0.16.1) on PYTHONPATH: {exc}")
+        sys.exit(f"pretrain_gpt_base.py needs a Megatron-LM checkout (tag core_v0.19.0 or core_v0.16.1) on "
+                 f"PYTHONPATH: {exc}")
 
     pretrain_gpt.train_valid_test_datasets_provider.is_distributed = True
-    pretrain(
-        pretrain_gpt.train_valid_test_datasets_provider,
-        partial(model_provider, base_gpt_builder),
-        ModelType.encoder_or_decoder,
-        pretrain_gpt.forward_step,
-        args_defaults={"tokenizer_type": "GPT2BPETokenizer"},
-        extra_args_provider=add_base_args,
-        get_embedding_ranks=pretrain_gpt.get_embedding_ranks,
-    )
+    provider = partial(model_provider, base_gpt_builder)
+    common = dict(get_embedding_ranks=pretrain_gpt.get_embedding_ranks)
+    defaults = {"tokenizer_type": "GPT2BPETokenizer"}
+    if "cfg_container" in inspect.signature(pretrain).parameters:  # core_v0.19.0: arguments parsed first
+        from megatron.training.argument_utils import pretrain_cfg_container_from_args
+        from megatron.training.arguments import parse_and_validate_args
+
+        args = parse_and_validate_args(extra_args_provider=add_base_args, args_defaults=defaults)
+        pretrain(pretrain_cfg_container_from_args(args), pretrain_gpt.train_valid_test_datasets_provider,
+                 ModelType.encoder_or_decoder, pretrain_gpt.forward_step, model_provider=provider, **common)
+    else:  # core_v0.16.1
+        pretrain(pretrain_gpt.train_valid_test_datasets_provider, provider, ModelType.encoder_or_decoder,
+                 pretrain_gpt.forward_step, args_defaults=defaults, extra_args_provider=add_base_args, **common)
 
 
 if __name__ == "__main__":
