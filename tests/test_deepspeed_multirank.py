@@ -38,12 +38,12 @@ TEXT_RUNS = ((0, False), (1, False), (2, False), (0, True), (1, True), (2, True)
 class TinyLM(nn.Module):
     """Embedding -> DeepSpeed MoE (swapped to BASE) -> LayerNorm -> head; returns (logits, l_aux)."""
 
-    def __init__(self, ep_size, d=D):
+    def __init__(self, ep_size, d=D, k=1):
         super().__init__()
         from deepspeed.moe.layer import MoE
         self.emb = nn.Embedding(VOCAB, d)
         expert = nn.Sequential(nn.Linear(d, FFN), nn.GELU(), nn.Linear(FFN, d))
-        self.moe = MoE(d, expert, num_experts=E, ep_size=ep_size)
+        self.moe = MoE(d, expert, num_experts=E, ep_size=ep_size, k=k)
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, VOCAB)
 
@@ -53,10 +53,11 @@ class TinyLM(nn.Module):
         return self.head(self.norm(h + out)), l_aux
 
 
-def build(ep_size, rank=0, seed=SEED):
-    """The same global model for every ep_size: experts made distinct per *global* id."""
+def build(ep_size, rank=0, seed=SEED, k=1):
+    """The same global model for every ep_size: experts made distinct per *global* id (DeepSpeed's plain
+    expert + data layout: EP rank = rank % ep_size). ``k``: top-k of the DeepSpeed MoE (before a swap)."""
     torch.manual_seed(seed)
-    model = TinyLM(ep_size)
+    model = TinyLM(ep_size, k=k)
     local = E // ep_size
     ep_rank = rank % ep_size
     with torch.no_grad():
