@@ -100,10 +100,10 @@ class _ExpertCentroidLayer(BaseLayer):
         return [f"{prefix}experts.deepspeed_experts.{i}.{CENTROID}" for i in range(self.num_local)]
 
     def mix_experts(self, x, counts, centroids):
-        if experts_are_tensor_parallel():
-            return mix_over_tensor_parallel(lambda t, c: super(_ExpertCentroidLayer, self).mix_experts(t, c, centroids),
-                                            x, counts)
-        return super().mix_experts(x, counts, centroids)
+        mix = super().mix_experts
+        if experts_are_tensor_parallel():  # every TP shard of an expert computes on all their tokens
+            return mix_over_tensor_parallel(lambda t, c: mix(t, c, centroids), x, counts)
+        return mix(x, counts, centroids)
 
 
 def _check_positive(name, value):
@@ -178,8 +178,8 @@ class BaseMoE(MoE):
 
     ``forward(hidden_states[..., d], used_token=None)`` -> ``(output, l_aux, exp_counts)``: ``l_aux`` a
     zero scalar, ``exp_counts`` LongTensor[num_experts] of the tokens this rank routed per global expert
-    (DeepSpeed's MoE: tokens per expert of the gate's top-1 choice before capacity; here the balanced
-    assignment itself; with tensor parallelism, of this TP rank's share of the tokens).
+    (DeepSpeed's MoE: this rank's tokens per expert of the gate's top-k choices, before capacity; here
+    the balanced assignment itself; with tensor parallelism, of this TP rank's share of the tokens).
     ``used_token`` (a token mask for top-k gating) is not supported: ValueError if given.
     ``last_stats`` has the :class:`~base_plugin.layer.RoutingStats` of the last call.
     """

@@ -49,7 +49,7 @@ from deepspeed.moe.layer import MoE
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 from deepspeed.utils import groups
 
-from .moe import CENTROID, EXPERTS
+from .moe import CENTROID, EXPERTS, GATE
 
 _MARK = f".{EXPERTS}."
 _GROUP_NAME = re.compile(r"ep_size_(\d+)$")
@@ -139,7 +139,8 @@ def _saved_group_names(new_names: List[str], saved_ep: int, ep_rank: int, layers
 # -- reading ------------------------------------------------------------------------------------------------
 
 def _load(path: str):
-    return torch.load(path, map_location="cpu", weights_only=False)
+    # memory-mapped: a rank copies out only the slices of the parameters it holds
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
 
 
 def _ep_of_group(hyper: dict) -> Optional[int]:
@@ -174,7 +175,8 @@ def _saved_ep_sizes(shapes: List[dict], layers: Dict[str, MoE]) -> List[Optional
     return sizes
 
 
-def _read_zero(ckpt_dir: str, tag: str, main: dict, saved: SavedOptimizer, layers: Dict[str, MoE]) -> None:
+def _read_zero(ckpt_dir: str, tag: str, main: dict, saved: SavedOptimizer, layers: Dict[str, MoE],
+               wanted: set) -> None:
     world = main["dp_world_size"]
     data_before = bool((main.get("ds_config") or {}).get("use_data_before_expert_parallelism", False))
     group_eps = _saved_ep_sizes(main["param_shapes"], layers)
@@ -210,18 +212,20 @@ def _read_zero(ckpt_dir: str, tag: str, main: dict, saved: SavedOptimizer, layer
             for name, addr in mapping.items():
                 parts = _split(name)
                 gname = name if parts is None else _global(name, ep_rank, layers[parts[0]].num_experts // ep)
+                if gname not in wanted:
+                    continue
                 window = slice(addr.start, addr.start + addr.numel)
                 pieces.setdefault(gname, []).append((position, {k: v[window] for k, v in elements.items()},
                                                      fp32[window]))
                 saved.scalars[gname] = scalars
     for name, parts in pieces.items():
         parts.sort(key=lambda t: t[0])
-        saved.elements[name] = {k: torch.cat([p[1][k] for p in parts]) for k in parts[0][1]}
+        saved.elements[name] = {k: torch.cat([p[1][k] for p in parts]).clone() for k in parts[0][1]}
         saved.master[name] = torch.cat([p[2] for p in parts]).float()
 
 
 def _read_plain(ckpt_dir: str, tag: str, main: dict, saved: SavedOptimizer, engine, layers: Dict[str, MoE],
-                from_topk: bool) -> None:
+                from_topk: bool, wanted: set) -> None:
     paths = sorted(glob.glob(os.path.join(ckpt_dir, tag, "expp_rank_*_mp_rank_00_optim_states.pt")),
                    key=lambda p: int(re.search(r"expp_rank_(\d+)_", p).group(1)))
     files = [_load(p)["optimizer"] for p in paths] if paths else [main["optimizer"]]
@@ -239,8 +243,8 @@ def _read_plain(ckpt_dir: str, tag: str, main: dict, saved: SavedOptimizer, engi
                     continue  # dense groups are the same on every EP rank
                 if from_topk and len(hyper["params"]) != len(names):
                     # the top-k gate was a dense parameter: take the saved model's order of its dense weights
-                    wanted = set(names) | {k for k in module_order if k.endswith(".deepspeed_moe.gate.wg.weight")}
-                    names = [k for k in module_order if k in wanted]
+                    dense = set(names) | {k for k in module_order if k.endswith("." + GATE) or k == GATE}
+                    names = [k for k in module_order if k in dense]
             else:
                 names = _saved_group_names(names, ep, e, layers, (CENTROID,) if from_topk else ())
             if len(names) != len(hyper["params"]):
@@ -248,29 +252,31 @@ def _read_plain(ckpt_dir: str, tag: str, main: dict, saved: SavedOptimizer, engi
                                  f"{len(hyper['params'])} parameters, expected {len(names)}: not the same model")
             for name, index in zip(names, hyper["params"]):
                 state = sd["state"].get(index)
-                if state is None:
+                if state is None or name not in wanted:
                     continue
                 numel = next((v.numel() for v in state.values() if torch.is_tensor(v) and v.dim() > 0), 0)
                 elements, scalars = _split_state(state, numel)
-                saved.elements[name] = {k: v.reshape(-1) for k, v in elements.items()}
+                saved.elements[name] = {k: v.reshape(-1).clone() for k, v in elements.items()}
                 saved.scalars[name] = scalars
 
 
 def read_optimizer_state(engine, ckpt_dir: str, tag: str, from_topk: bool = False) -> SavedOptimizer:
-    """The optimizer state of checkpoint ``ckpt_dir/tag`` by global parameter name (see the module
-    docstring). ``from_topk``: the checkpoint is of DeepSpeed's top-k MoE and ``engine``'s model has
+    """The optimizer state of checkpoint ``ckpt_dir/tag`` for the parameters this rank of ``engine``
+    holds, by global parameter name (see the module docstring). Every saved optimizer file is opened
+    (memory-mapped); only this rank's parameters' slices are copied. ``from_topk``: the checkpoint is of DeepSpeed's top-k MoE and ``engine``'s model has
     BaseMoE layers in their place (no centroids saved; the gate is a dense parameter)."""
     main = _load(os.path.join(ckpt_dir, tag, "mp_rank_00_model_states.pt"))
     if main.get("mp_world_size", 1) != 1 or (main.get("checkpoint_parallel_dimensions") or {}).get("pp_degree", 1) != 1:
         raise NotImplementedError(f"{ckpt_dir}/{tag} was written with tensor or pipeline parallelism: carrying its "
                                   "optimizer state to another layout is not supported")
     layers = _moe_layers(engine.module)
+    wanted = set(global_names(engine).values())  # this rank's parameters
     saved = SavedOptimizer()
     if glob.glob(os.path.join(ckpt_dir, tag, "*zero_pp_rank_*_optim_states.pt")):
         saved.stage = 1
-        _read_zero(ckpt_dir, tag, main, saved, layers)
+        _read_zero(ckpt_dir, tag, main, saved, layers, wanted)
     else:
-        _read_plain(ckpt_dir, tag, main, saved, engine, layers, from_topk)
+        _read_plain(ckpt_dir, tag, main, saved, engine, layers, from_topk, wanted)
     return saved
 
 

@@ -49,7 +49,7 @@ def _saved_ep_sizes(ckpt: str, main: dict) -> Optional[set]:
                           ("expp_rank_0_mp_rank_00_optim_states.pt", lambda sd: sd["optimizer"])):
         paths = glob.glob(os.path.join(ckpt, pattern))
         if paths:
-            base = pick(torch.load(paths[0], map_location="cpu", weights_only=False))
+            base = pick(torch.load(paths[0], map_location="cpu", weights_only=False, mmap=True))
             if not isinstance(base, dict):
                 return None
             return {g["name"] for g in base["param_groups"] if g.get("moe")}
@@ -63,8 +63,8 @@ def _layer_kinds(engine, ckpt: str, main: dict):
     topk = set(layers) - base
     gates = {k[:-len(GATE) - 1] if len(k) > len(GATE) else "" for k in main["module"] if k.endswith(GATE)}
     expert_files = glob.glob(os.path.join(ckpt, "layer_*_expert_0_mp_rank_00_model_states.pt"))
-    saved_base = any(k.endswith("." + CENTROID)
-                     for p in expert_files for k in torch.load(p, map_location="cpu", weights_only=False))
+    saved_base = any(k.endswith("." + CENTROID) for p in expert_files
+                     for k in torch.load(p, map_location="cpu", weights_only=False, mmap=True))
     return bool(base & gates), bool(topk) and saved_base
 
 
@@ -78,7 +78,8 @@ def load_checkpoint(engine, load_dir: str, tag: Optional[str] = None, load_modul
     (see :mod:`.optimizer_state`) — pass ``load_optimizer_states=False`` to start the optimizer afresh."""
     tag = resolve_tag(load_dir, tag)
     ckpt = os.path.join(load_dir, tag)
-    main = torch.load(os.path.join(ckpt, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
+    main = torch.load(os.path.join(ckpt, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False,
+                      mmap=True)
     from_topk, into_topk = _layer_kinds(engine, ckpt, main)
     if into_topk:
         raise ValueError(f"{ckpt} was written by BASE layers (its experts have '{CENTROID}'), but this model has "
