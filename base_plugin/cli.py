@@ -4,17 +4,23 @@ from __future__ import annotations
 import argparse
 import runpy
 import sys
-from pathlib import Path
+from typing import List
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+from .resources import shipped
+
+
+def _benchmarks() -> List[str]:
+    try:
+        return sorted(p.stem for p in shipped("benchmarks").glob("*.py") if not p.stem.startswith("_"))
+    except FileNotFoundError:
+        return []
 
 
 def _run_benchmark(name: str, argv) -> int:
-    script = BENCHMARKS / f"{name}.py"
-    if not script.exists():
-        raise SystemExit(f"base-plugin: {script} not found; benchmarks run from a source checkout "
-                         "(pip install -e .)")
+    """Run ``benchmarks/<name>.py`` of this installation as ``__main__`` with ``argv``."""
+    script = shipped("benchmarks") / f"{name}.py"
     sys.argv = [str(script), *argv]
+    sys.path.insert(0, str(script.parent))  # the benchmarks' shared helper module sits beside them
     runpy.run_path(str(script), run_name="__main__")
     return 0
 
@@ -27,9 +33,15 @@ def main(argv=None) -> int:
                    add_help=False)
     sub.add_parser("reshard", help="rewrite a DeepSpeed BASE checkpoint for another ep_size (see --help)",
                    add_help=False)
-    bench = sub.add_parser("bench", help="run a benchmark from benchmarks/ and print its table")
-    bench.add_argument("which", choices=sorted(p.stem for p in BENCHMARKS.glob("*.py")) or ["assignment"])
+    names = _benchmarks()
+    bench = sub.add_parser("bench", add_help=False, help="run a benchmark from benchmarks/ and print its table "
+                           "(`base-plugin bench NAME --help` for its options)")
+    bench.add_argument("which", nargs="?", choices=names, metavar="NAME",
+                       help=f"one of: {', '.join(names) or 'none installed'}")
     args, rest = parser.parse_known_args(argv)
+    if args.command == "bench" and args.which is None:  # `bench`, `bench --help`: list them
+        bench.print_help()
+        return 0 if rest and rest[0] in ("-h", "--help") else 2
     if args.command == "demo":
         from base_plugin.demo import main as demo
 

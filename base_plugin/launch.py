@@ -34,7 +34,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(fn, rank, world_size, port, store, args, results, threads, ignore_sigint):
+def _entry(fn, rank, world_size, port, store, args, results, threads, ignore_sigint, setup):
     if ignore_sigint:  # the parent turns Ctrl-C into its stop event; ranks finish their step cleanly
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
@@ -42,6 +42,8 @@ def _entry(fn, rank, world_size, port, store, args, results, threads, ignore_sig
                       GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
     torch.set_num_threads(threads)
     try:
+        if setup is not None:
+            setup()
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
         out = fn(rank, world_size, *args)
         buf = io.BytesIO()
@@ -55,19 +57,20 @@ def _entry(fn, rank, world_size, port, store, args, results, threads, ignore_sig
 
 
 def run_ranks(fn, world_size: int, *args, timeout: float = 120.0, threads_per_rank: int = 1, stop_event=None,
-              daemon: bool = True):
+              daemon: bool = True, setup=None):
     """See the module docstring. ``stop_event`` (a ``multiprocessing`` Event of the spawn context that
     ``fn`` also receives in ``args``): the first Ctrl-C sets it instead of killing the ranks, which are
     then expected to stop on their own and return; a second Ctrl-C aborts. ``daemon=False`` lets the
     ranks start processes of their own (Megatron's checkpoint writer does); they are killed at the end
-    of the call either way."""
+    of the call either way. ``setup``: a module-level callable without arguments that every rank runs
+    first, before joining the process group (e.g. ``base_plugin.deepspeed.use_cpu_accelerator``)."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="multirank-") as tmp:
         store = os.path.join(tmp, "rendezvous")
         procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, store, args, results, threads_per_rank,
-                                   stop_event is not None),
+                                   stop_event is not None, setup),
                              daemon=daemon)
                  for r in range(world_size)]
         for p in procs:

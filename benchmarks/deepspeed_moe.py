@@ -79,9 +79,11 @@ def _rank(rank, world, store, args, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(args.threads)
-    from base_plugin.deepspeed import import_deepspeed  # the CPU accelerator where there is no CUDA
+    import deepspeed
 
-    deepspeed = import_deepspeed()
+    from base_plugin.deepspeed import use_cpu_accelerator
+
+    use_cpu_accelerator()  # a CPU benchmark
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     deepspeed.init_distributed(dist_backend="gloo")
     tokens = args.micro * args.seq

@@ -73,9 +73,12 @@ def _init(rank: int, world: int, port: int, device: str) -> bool:
         torch.cuda.set_device(rank)
         backend = "nccl"
     try:
-        from base_plugin.deepspeed import import_deepspeed
+        import deepspeed
 
-        deepspeed = import_deepspeed()
+        from base_plugin.deepspeed import use_cpu_accelerator
+
+        if device == "cpu":
+            use_cpu_accelerator()
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
         return True
     except ImportError:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import datetime
-import os
 
 import pytest
 import torch
@@ -89,8 +88,11 @@ def test_base_layer_two_ranks_on_one_gpu():
 
 
 def _gpu_job(rank, world, port, ckpt_dir):
-    os.environ["DS_ACCELERATOR"] = "cuda"  # conftest chose the CPU one for the suite; this job is the GPU one
     import deepspeed
+    from deepspeed.accelerator import set_accelerator
+    from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator
+
+    set_accelerator(CUDA_Accelerator())  # the harness chose the CPU one for the suite; this job is the GPU one
 
     _nccl(rank, world, port)
     out = {"text": ds._text_run(rank, world, stage=2, bf16=True, ep_size=world),

@@ -6,7 +6,7 @@ import pytest
 
 from base_plugin.demo import main
 from base_plugin.demo.train import train
-from base_plugin.launch import run_ranks
+from multirank import run_ranks
 
 TINY = ["--ranks", "2", "--experts", "4", "--steps", "6", "--eval-every", "3", "--d-model", "32", "--layers", "3",
         "--batch", "2", "--seq-len", "32", "--eval-batches", "1"]

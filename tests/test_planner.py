@@ -8,7 +8,7 @@ import torch
 from base_plugin.models import GPT, GPTConfig
 from base_plugin.planner import (GIB, PlanError, activation_bytes_per_token, count_model, count_parameters,
                                  deepspeed_config, estimate_memory, launch_commands, plan_layout)
-from base_plugin.planner.cli import PAPER_DIR, main, paper_models, resolve_model
+from base_plugin.planner.cli import main, paper_dir, paper_models, resolve_model
 
 BASE_MODELS = ["base-small", "base-standard", "base-large"]
 
@@ -25,7 +25,7 @@ def paper():
 
 def test_paper_configs_are_all_there():
     assert {"base-small", "base-standard", "base-large", "dense", "moe-top1", "moe-top2"} <= set(paper_models())
-    assert (PAPER_DIR / "README.md").is_file()
+    assert (paper_dir() / "README.md").is_file()
 
 
 @pytest.mark.parametrize("name", BASE_MODELS)
@@ -204,6 +204,8 @@ def test_launch_commands(paper):
     assert "--expert-model-parallel-size 128" in meg and "--moe-router-load-balancing-type base" in meg
     assert f"--moe-ffn-hidden-size {27 * 8192}" in meg and "--use-distributed-optimizer" in meg
     assert "--global-batch-size 2048" in meg
+    example = next(w for w in meg.split() if w.endswith("pretrain_gpt_base.py"))
+    assert os.path.isabs(example) and os.path.isfile(example)  # runs from any directory
     single = launch_commands(cfg, plan_layout(cfg, 4), 0)
     assert "--standalone" in single["torchrun"] and "--num_gpus 4" in single["deepspeed"]
     with pytest.raises(PlanError, match="gpus-per-node"):

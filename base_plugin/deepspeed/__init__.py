@@ -11,52 +11,33 @@
 * :func:`load_checkpoint` — ``engine.load_checkpoint`` that also resumes with another ``ep_size`` or
   world size, optimizer state included, and a top-k run as BASE.
 
-On a machine without CUDA this package selects DeepSpeed's CPU accelerator (``DS_ACCELERATOR=cpu``)
-unless the variable is already set, before DeepSpeed is first imported (:func:`import_deepspeed`);
-:func:`use_cpu_accelerator` makes the same choice on a machine with CUDA. Needs deepspeed
-(``pip install 'base-plugin[deepspeed]'``); names are imported on first use.
+Importing this package changes nothing: on a CPU machine call :func:`use_cpu_accelerator` in every
+process that trains (our CLI, demo, examples and tests do), on GPUs DeepSpeed picks its accelerator as
+usual. Needs deepspeed (``pip install 'base-plugin[deepspeed]'``); names are imported on first use.
 """
 from __future__ import annotations
 
 import importlib
-import os
 
 
 def use_cpu_accelerator() -> None:
-    """Train with DeepSpeed's CPU accelerator in this process and the ones it spawns, GPUs or not (what
-    this package selects by itself where there is no CUDA). Call it before deepspeed is imported: the
-    accelerator is fixed at its first use."""
-    os.environ["DS_ACCELERATOR"] = "cpu"
-    os.environ["BASE_PLUGIN_SELECTED_DS_CPU"] = "1"  # processes we spawn inherit the choice
+    """Train with DeepSpeed's CPU accelerator in this process, GPUs or not.
 
+    Explicit, for this process only (DeepSpeed's own ``deepspeed.accelerator.set_accelerator``; no
+    environment variable is written, so processes started later call it themselves, before
+    ``deepspeed.initialize`` / ``deepspeed.init_distributed``). It also skips the JIT build of
+    DeepSpeed's shared-memory communication op (:func:`~base_plugin.deepspeed.compat.skip_shm_comm_build`),
+    which serves CPU inference all-reduce only and costs 30–45 s at every process start.
+    """
+    from deepspeed.accelerator import get_accelerator, set_accelerator
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
 
-def _select_accelerator() -> None:
-    if "DS_ACCELERATOR" in os.environ:
-        return
-    try:
-        import torch
-        cuda = torch.cuda.is_available()
-    except Exception:  # noqa: BLE001 - no torch: deepspeed will not import either
-        return
-    if not cuda:
-        use_cpu_accelerator()
+    from .compat import skip_shm_comm_build
 
+    if get_accelerator().device_name() != "cpu":
+        set_accelerator(CPU_Accelerator())
+    skip_shm_comm_build()
 
-_select_accelerator()
-
-
-def import_deepspeed():
-    """``import deepspeed``, set up for this machine: the CPU accelerator when there is no CUDA (see
-    above) and, when we selected it, without DeepSpeed's shared-memory communication op — it serves
-    CPU *inference* all-reduce, is JIT-compiled at every process start (30–45 s here), and a Ctrl-C
-    during that compile kills the run. Training with gloo does not use it."""
-    import deepspeed
-
-    if os.environ.get("BASE_PLUGIN_SELECTED_DS_CPU") == "1" and os.environ.get("DS_ACCELERATOR") == "cpu":
-        import deepspeed.ops
-
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    return deepspeed
 
 _EXPORTS = {
     "BaseMoE": "moe", "DeepSpeedExperts": "moe", "base_moe_layers": "moe", "ensure_expert_groups": "moe",
@@ -72,7 +53,7 @@ def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module 'base_plugin.deepspeed' has no attribute {name!r}")
     try:
-        import_deepspeed()
+        import deepspeed  # noqa: F401
     except ImportError as exc:
         raise ImportError("base_plugin.deepspeed needs deepspeed: pip install 'base-plugin[deepspeed]'; "
                           f"import failed with: {exc}") from exc

@@ -50,10 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import base_plugin.deepspeed
-
-    base_plugin.deepspeed.use_cpu_accelerator()  # a CPU demo on GPU machines too (the ranks inherit it)
-
+    from ..deepspeed import use_cpu_accelerator
     from ..launch import run_ranks
     from . import report
     from .data import load_text
@@ -82,7 +79,8 @@ def main(argv=None) -> int:
                        model=model,
                        base_layer=dict(enabled=True, num_experts=args.experts, ep_size=args.ranks))
             result = run_ranks(train, args.ranks, run, stop, timeout=3600, threads_per_rank=threads,
-                               stop_event=stop)[0]
+                               stop_event=stop,
+                               setup=use_cpu_accelerator)[0]  # a CPU demo, on GPU machines too
             runs.append(result)
             if result.get("interrupted"):
                 break

@@ -95,9 +95,7 @@ def evaluate(engine, batches) -> float:
 def train(rank: int, world: int, run: Dict, stop_event=None) -> Dict:
     import logging
 
-    from base_plugin.deepspeed import import_deepspeed
-
-    deepspeed = import_deepspeed()
+    import deepspeed
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
     deepspeed.utils.logger.setLevel(logging.WARNING)

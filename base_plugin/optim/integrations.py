@@ -184,7 +184,6 @@ def deepspeed_initialize(*, model, config, optimizer=None, **kwargs):
     Other keyword arguments go to ``deepspeed.initialize``. Returns its 4-tuple
     ``(engine, optimizer, dataloader, lr_scheduler)``; ``optimizer`` is the SLAMB instance.
     """
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
     import deepspeed  # noqa: PLC0415 - optional dependency
 
     config = check_deepspeed_config(config)

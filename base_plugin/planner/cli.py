@@ -22,25 +22,28 @@ from pathlib import Path
 from typing import List, Optional
 
 from ..models import GPTConfig
+from ..resources import shipped
 from .launch import deepspeed_config, dense_twin, launch_commands, write_json
 from .memory import GIB, PRECISIONS, PlanError, estimate_memory, plan_layout
 from .params import count_parameters
 
-PAPER_DIR = Path(__file__).resolve().parents[2] / "configs" / "paper"
+def paper_dir() -> Path:
+    """``configs/paper`` of this installation (the source tree's, or the copy inside the wheel)."""
+    return shipped("configs") / "paper"
 
 
 def paper_models() -> List[str]:
-    return sorted(p.stem for p in PAPER_DIR.glob("*.json"))
+    return sorted(p.stem for p in paper_dir().glob("*.json"))
 
 
 def resolve_model(spec: str):
     """``(GPTConfig, paper reference dict)`` for a paper model name or a config file path."""
     path = Path(spec)
     if not path.is_file():
-        path = PAPER_DIR / f"{spec}.json"
+        path = paper_dir() / f"{spec}.json"
         if not path.is_file():
             raise PlanError(f"--model {spec!r}: not a config file and not a paper model; paper models: "
-                            f"{paper_models()} (from {PAPER_DIR})")
+                            f"{paper_models()} (from {paper_dir()})")
     try:
         cfg = GPTConfig.load(path)
     except (ValueError, TypeError, json.JSONDecodeError) as exc:

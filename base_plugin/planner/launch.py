@@ -18,6 +18,7 @@ import shlex
 from typing import Dict
 
 from ..models import GPTConfig
+from ..resources import shipped
 from .memory import Layout, PlanError
 
 MICRO_BATCH, ACCUMULATION, WARMUP, CLIP, LR = 2, 8, 2000, 0.1, 1e-4
@@ -142,9 +143,9 @@ def launch_commands(cfg: GPTConfig, layout: Layout, zero: int = 0, *, precision:
 
     The DeepSpeed / torchrun commands run ``$TRAIN_SCRIPT``, your DeepSpeed training script, which
     should build ``GPT(GPTConfig.load(model_config))`` (the dense twin for BASE models) and call
-    ``base_plugin.deepspeed.initialize(..., config=ds_config)``. The Megatron command runs this
-    repository's ``examples/megatron/pretrain_gpt_base.py`` (for BASE; Megatron-LM's ``pretrain_gpt.py``
-    for the others) from a Megatron-LM checkout on ``$PYTHONPATH``.
+    ``base_plugin.deepspeed.initialize(..., config=ds_config)``. The Megatron command runs, by its absolute
+    path, this installation's ``examples/megatron/pretrain_gpt_base.py`` (for BASE; Megatron-LM's
+    ``pretrain_gpt.py`` for the others) with a Megatron-LM checkout on ``$PYTHONPATH``.
     """
     nodes, per_node = _nodes(layout, gpus_per_node)
     script_args = ["--model-config", model_config, "--deepspeed", "--deepspeed_config", ds_config]
@@ -153,7 +154,10 @@ def launch_commands(cfg: GPTConfig, layout: Layout, zero: int = 0, *, precision:
         ds += ["--hostfile", "$HOSTFILE"]
     rdzv = ["--rdzv-backend", "c10d", "--rdzv-endpoint", "$MASTER_ADDR:29500"] if nodes > 1 else ["--standalone"]
     tr = ["torchrun", "--nnodes", str(nodes), "--nproc-per-node", str(per_node), *rdzv]
-    script = "examples/megatron/pretrain_gpt_base.py" if cfg.sparse == "base" else "$MEGATRON_LM/pretrain_gpt.py"
+    if cfg.sparse == "base":
+        script = str(shipped("examples") / "megatron" / "pretrain_gpt_base.py")
+    else:
+        script = "$MEGATRON_LM/pretrain_gpt.py"
     return {
         "deepspeed": _join(ds + ["$TRAIN_SCRIPT"] + script_args),
         "torchrun": _join(tr + ["$TRAIN_SCRIPT"] + script_args),

@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import base_plugin.deepspeed as bds  # first: picks DeepSpeed's CPU accelerator when there is no GPU
 import deepspeed
+import base_plugin.deepspeed as bds
 from deepspeed.moe.layer import MoE
 
 # -------------------------------------------------------------------------------------------- arguments
@@ -46,6 +46,8 @@ args = parser.parse_args()
 if "RANK" not in os.environ:  # plain `python train_gpt.py`: a world of one process on this machine
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=os.environ.get("MASTER_PORT", "29512"))
+if not torch.cuda.is_available():
+    bds.use_cpu_accelerator()  # DeepSpeed's CPU accelerator, without its 30-45 s shared-memory op build
 deepspeed.init_distributed()
 rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
 torch.manual_seed(args.seed)  # the same initial model on every rank

@@ -21,14 +21,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
-import deepspeed  # noqa: E402
+import deepspeed
 
-from base_plugin.optim.integrations import deepspeed_initialize  # noqa: E402
+from base_plugin.deepspeed import use_cpu_accelerator
+from base_plugin.optim.integrations import deepspeed_initialize
+from base_plugin.resources import shipped
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "configs", "slamb",
-                              "deepspeed_cpu.json")
+DEFAULT_CONFIG = str(shipped("configs") / "slamb" / "deepspeed_cpu.json")
 
 
 def load_text(path=None) -> torch.Tensor:
@@ -94,6 +93,8 @@ def main(argv=None):
     if "RANK" not in os.environ:  # plain `python train_deepspeed.py`: a world of one process
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", "29513"))
+    if not torch.cuda.is_available():
+        use_cpu_accelerator()  # DeepSpeed's CPU accelerator, without its 30-45 s shared-memory op build
     deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else None)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
 
