@@ -280,8 +280,6 @@ def _base_moe_run(mpu, flag):
 
 
 def job(rank, world):
-    import base_plugin.deepspeed as bds
-    bds.import_deepspeed()  # set up for CPU ranks before anything imports deepspeed
     mpu = TensorParallelMPU(TP)
     out = {"layouts": {}, "runs": {}}
     for flag in (True, False):

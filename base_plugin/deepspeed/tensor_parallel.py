@@ -15,9 +15,10 @@ tensor-parallel (TP) ranks: every TP rank holds the same tokens. DeepSpeed's ``M
 :func:`routed_over_tensor_parallel` does 1 and 3 around a BASE layer, :func:`mix_over_tensor_parallel`
 does 2 around its expert-and-gate step, with DeepSpeed's own ``drop_tokens`` / ``gather_tokens``
 (autograd: the backward of a drop is a gather and vice versa; their collectives go through
-``deepspeed.comm``). So each token is routed once, on one TP rank, as in DeepSpeed's MoE; a BASE layer
-with TP ranks routes the same problems as one whose ranks hold those token shares. Both are no-ops
-without an mpu or with a tensor-parallel size of 1.
+``deepspeed.comm``; rows travel flattened, see :func:`~base_plugin.deepspeed.compat.drop_token_rows`).
+So each token is routed once, on one TP rank, as in DeepSpeed's MoE; a BASE layer with TP ranks routes
+the same problems as one whose ranks hold those token shares. Both are no-ops without an mpu or with a
+tensor-parallel size of 1.
 
 What the tensor-parallel *expert* itself must do is its own business, as with DeepSpeed's MoE (e.g.
 Megatron's column- and row-parallel linears with their all-reduces): with (2), every shard sees the
@@ -33,25 +34,11 @@ import torch
 from torch.nn import functional as F
 
 from deepspeed import comm as ds_comm
-from deepspeed.moe.mappings import drop_tokens, gather_tokens
 from deepspeed.utils import groups
 from deepspeed.utils.bwc import (bwc_tensor_model_parallel_group, bwc_tensor_model_parallel_rank,
                                  bwc_tensor_model_parallel_world_size)
 
-
-def _drop(x: torch.Tensor) -> torch.Tensor:
-    """This TP rank's block of the rows of x [n, d] (n divisible by TP), DeepSpeed's ``drop_tokens``.
-
-    DeepSpeed's mappings gather into a flat buffer of TP·numel elements; torch's gloo backend (torch 2.13,
-    DeepSpeed 0.19.8) rejects that for inputs of more than one dimension ("invalid tensor size"), so rows
-    travel flattened: the blocks of the flat tensor are the blocks of rows. A no-op on any backend."""
-    return drop_tokens(x.reshape(-1), dim=0).view(-1, x.shape[-1])
-
-
-def _gather(x: torch.Tensor) -> torch.Tensor:
-    """The rows of every TP rank's x [m, d] (same m on all), in TP rank order: DeepSpeed's ``gather_tokens``
-    (flattened, see :func:`_drop`)."""
-    return gather_tokens(x.reshape(-1), dim=0).view(-1, x.shape[-1])
+from .compat import drop_token_rows, gather_token_rows
 
 
 def tensor_parallel_size() -> int:
@@ -78,7 +65,7 @@ def routed_over_tensor_parallel(layer: Callable[[torch.Tensor], torch.Tensor], x
         raise ValueError(f"BaseMoE with tensor parallelism: the {flat.shape[0]} tokens replicated over the {tp} "
                          f"tensor-parallel ranks are split evenly among them, so their number must be divisible by "
                          f"{tp}")
-    return _gather(layer(_drop(flat))).reshape(x.shape)
+    return gather_token_rows(layer(drop_token_rows(flat))).reshape(x.shape)
 
 
 def mix_over_tensor_parallel(mix: Callable[[torch.Tensor, List[int]], Tuple[torch.Tensor, torch.Tensor]],
@@ -101,7 +88,7 @@ def mix_over_tensor_parallel(mix: Callable[[torch.Tensor, List[int]], Tuple[torc
     table = torch.stack(rows).tolist()  # [tp][local experts]: host ints for the split sizes
     sizes = [sum(r) for r in table]
     widest = max(sizes)
-    everyone = _gather(F.pad(x, (0, 0, 0, widest - x.shape[0])))  # [tp * widest, d]
+    everyone = gather_token_rows(F.pad(x, (0, 0, 0, widest - x.shape[0])))  # [tp * widest, d]
     starts = [[r * widest + sum(table[r][:i]) for i in range(len(counts))] for r in range(tp)]
     index = torch.cat([torch.arange(starts[r][i], starts[r][i] + table[r][i]) for i in range(len(counts))
                        for r in range(tp)]).to(x.device)
@@ -109,4 +96,4 @@ def mix_over_tensor_parallel(mix: Callable[[torch.Tensor, List[int]], Tuple[torc
     own = slice(rank * widest, rank * widest + sizes[rank])
     placed = y.new_zeros(tp * widest, y.shape[-1]).index_copy(0, index, y)
     gate_rows = gates.new_zeros(tp * widest).index_copy(0, index, gates.detach())
-    return _drop(placed)[:sizes[rank]], gate_rows[own]
+    return drop_token_rows(placed)[:sizes[rank]], gate_rows[own]
