@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from multirank import run_ranks
-from test_deepspeed_multirank import E, MICRO, batches, build, ds_config, lm_loss, section
+from test_deepspeed_multirank import E, batches, build, ds_config, lm_loss, section
 
 TIMEOUT = 500
 UNITS = 4  # micro-batches per step, each one routing problem

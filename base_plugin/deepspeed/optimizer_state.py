@@ -61,18 +61,18 @@ class SavedOptimizer:
     """Optimizer state by global parameter name. ``elements``: name -> {key: flat Tensor[numel]} (per
     element, e.g. Adam's moments); ``scalars``: name -> {key: value} (e.g. ``step``); ``master``: name
     -> flat fp32 master weights (ZeRO only); ``hyper``: per param group, its hyperparameters (None where
-    the checkpoint has none); ``stage``: the saved ZeRO stage."""
+    the checkpoint has none)."""
 
     elements: Dict[str, Dict[str, torch.Tensor]] = field(default_factory=dict)
     scalars: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     master: Dict[str, torch.Tensor] = field(default_factory=dict)
     hyper: List[Optional[dict]] = field(default_factory=list)
-    stage: int = 0
 
 
 # -- names -------------------------------------------------------------------------------------------------
 
-def _moe_layers(module: torch.nn.Module) -> Dict[str, MoE]:
+def moe_layers(module: torch.nn.Module) -> Dict[str, MoE]:
+    """``{name: layer}`` of every DeepSpeed MoE layer in ``module`` (BaseMoE included)."""
     return {name: m for name, m in module.named_modules() if isinstance(m, MoE)}
 
 
@@ -100,7 +100,7 @@ def _global(name: str, ep_rank: int, local: int) -> str:
 def global_names(engine) -> Dict[int, str]:
     """``{id(param): global name}`` for every parameter of the engine's model on this rank."""
     ranks = {n: (groups._get_expert_parallel_rank(m.expert_group_name), m.num_local_experts)
-             for n, m in _moe_layers(engine.module).items()}
+             for n, m in moe_layers(engine.module).items()}
     out = {}
     for name, p in engine.module.named_parameters():
         parts = _split(name)
@@ -158,7 +158,7 @@ def _split_state(state: dict, numel: int) -> Tuple[Dict[str, torch.Tensor], Dict
     return elements, {k: v for k, v in state.items() if k not in elements}
 
 
-def _saved_ep_sizes(shapes: List[dict], layers: Dict[str, MoE]) -> List[Optional[int]]:
+def _zero_group_ep_sizes(shapes: List[dict], layers: Dict[str, MoE]) -> List[Optional[int]]:
     """Per saved ZeRO param group: the saved ``ep_size`` of its experts (from how many local experts its
     names count), None for a dense group."""
     sizes = []
@@ -179,7 +179,7 @@ def _read_zero(ckpt_dir: str, tag: str, main: dict, saved: SavedOptimizer, layer
                wanted: set) -> None:
     world = main["dp_world_size"]
     data_before = bool((main.get("ds_config") or {}).get("use_data_before_expert_parallelism", False))
-    group_eps = _saved_ep_sizes(main["param_shapes"], layers)
+    group_eps = _zero_group_ep_sizes(main["param_shapes"], layers)
     layout = {ep: groups._get_expert_parallel_ranks(world, 1, ep, 1, data_before) for ep in set(group_eps) if ep}
     pieces: Dict[str, List[Tuple[int, Dict[str, torch.Tensor], torch.Tensor]]] = {}
     for d in range(world):
@@ -269,11 +269,10 @@ def read_optimizer_state(engine, ckpt_dir: str, tag: str, from_topk: bool = Fals
     if main.get("mp_world_size", 1) != 1 or (main.get("checkpoint_parallel_dimensions") or {}).get("pp_degree", 1) != 1:
         raise NotImplementedError(f"{ckpt_dir}/{tag} was written with tensor or pipeline parallelism: carrying its "
                                   "optimizer state to another layout is not supported")
-    layers = _moe_layers(engine.module)
+    layers = moe_layers(engine.module)
     wanted = set(global_names(engine).values())  # this rank's parameters
     saved = SavedOptimizer()
     if glob.glob(os.path.join(ckpt_dir, tag, "*zero_pp_rank_*_optim_states.pt")):
-        saved.stage = 1
         _read_zero(ckpt_dir, tag, main, saved, layers, wanted)
     else:
         _read_plain(ckpt_dir, tag, main, saved, engine, layers, from_topk, wanted)

@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 
 from .moe import CENTROID, GATE, BaseMoE
-from .optimizer_state import _moe_layers, apply_optimizer_state, read_optimizer_state
+from .optimizer_state import apply_optimizer_state, moe_layers, read_optimizer_state
 from .reshard import resolve_tag
 
 # what DeepSpeed restores besides the module and the optimizer when it loads a checkpoint fully
@@ -42,8 +42,8 @@ _DEEPSPEED_STATES = ("module", "optimizer", "lr_scheduler", "skipped_steps", "gl
                      "dp_world_size", "mp_world_size", "data_sampler", "random_ltd")
 
 
-def _saved_ep_sizes(ckpt: str, main: dict) -> Optional[set]:
-    """The expert-parallel sizes of the saved expert param groups (None if it cannot tell)."""
+def _saved_expert_groups(ckpt: str) -> Optional[set]:
+    """The names (DeepSpeed's ``ep_size_<n>``) of the saved expert param groups; None if it cannot tell."""
     for pattern, pick in (("*zero_pp_rank_0_mp_rank_00_optim_states.pt",
                            lambda sd: sd["optimizer_state_dict"]["base_optimizer_state"]),
                           ("expp_rank_0_mp_rank_00_optim_states.pt", lambda sd: sd["optimizer"])):
@@ -58,7 +58,7 @@ def _saved_ep_sizes(ckpt: str, main: dict) -> Optional[set]:
 
 def _layer_kinds(engine, ckpt: str, main: dict):
     """``(top-k checkpoint into BASE layers, BASE checkpoint into top-k layers)``."""
-    layers = _moe_layers(engine.module)
+    layers = moe_layers(engine.module)
     base = {n for n, m in layers.items() if isinstance(m, BaseMoE)}
     topk = set(layers) - base
     gates = {k[:-len(GATE) - 1] if len(k) > len(GATE) else "" for k in main["module"] if k.endswith(GATE)}
@@ -85,9 +85,9 @@ def load_checkpoint(engine, load_dir: str, tag: Optional[str] = None, load_modul
         raise ValueError(f"{ckpt} was written by BASE layers (its experts have '{CENTROID}'), but this model has "
                          "DeepSpeed top-k MoE layers: a top-k gate cannot be recovered from BASE centroids. Resume it "
                          "with the \"base_layer\" section in the DeepSpeed config (base_plugin.deepspeed.initialize)")
-    layers = _moe_layers(engine.module).values()
+    layers = moe_layers(engine.module).values()
     same_layout = (not from_topk and main.get("dp_world_size") == engine.dp_world_size
-                   and _saved_ep_sizes(ckpt, main) == {m.expert_group_name for m in layers})
+                   and _saved_expert_groups(ckpt) == {m.expert_group_name for m in layers})
     kwargs = dict(load_module_strict=load_module_strict, load_lr_scheduler_states=load_lr_scheduler_states,
                   custom_load_fn=custom_load_fn)
     if same_layout or load_module_only:
