@@ -106,8 +106,11 @@ def test_topk_arguments_warn_and_used_token_is_rejected():
 def test_base_moe_argument_errors():
     with pytest.raises(ValueError, match="not divisible"):
         bds.BaseMoE(8, ffn(), num_experts=3, ep_size=2)
+    moe = bds.BaseMoE(8, ffn(), num_experts=4, ep_size=2)  # like DeepSpeed's MoE: groups come later
+    with pytest.raises(ValueError, match="no expert-parallel group yet"):
+        moe.ep_rank
     with pytest.raises(ValueError, match="torch.distributed"):
-        bds.BaseMoE(8, ffn(), num_experts=4, ep_size=2)
+        moe(torch.randn(4, 8))
     with pytest.raises(ValueError, match="hidden_size"):
         bds.BaseMoE(0, ffn(), num_experts=4)
 

@@ -12,6 +12,9 @@ single-process reference computed here. The model is a DeepSpeed ``MoE`` model s
 * resharding: the 2-rank EP 2 checkpoint loads with EP 1 on 1 rank and EP 4 on 4 ranks, equal outputs.
 * bad config on 2 ranks: ep_size > world size raises before any step; the launcher's
   ``--deepspeed_config`` path is read and stripped.
+* DeepSpeed's MoE helpers on 2 ranks: a residual BaseMoE built directly with DeepSpeed's MoE param
+  groups in a plain ``deepspeed.initialize``; ``has_moe_layers``, ``l_aux``, ``exp_counts``; our
+  ``initialize`` refuses param groups made before its swap.
 
 The rank functions put their inputs on the engine's device and return CPU tensors, so
 ``tests/test_cuda.py`` runs the same ones over NCCL on GPUs.
@@ -38,12 +41,12 @@ TEXT_RUNS = ((0, False), (1, False), (2, False), (0, True), (1, True), (2, True)
 class TinyLM(nn.Module):
     """Embedding -> DeepSpeed MoE (swapped to BASE) -> LayerNorm -> head; returns (logits, l_aux)."""
 
-    def __init__(self, ep_size, d=D):
+    def __init__(self, ep_size, d=D, k=1):
         super().__init__()
         from deepspeed.moe.layer import MoE
         self.emb = nn.Embedding(VOCAB, d)
         expert = nn.Sequential(nn.Linear(d, FFN), nn.GELU(), nn.Linear(FFN, d))
-        self.moe = MoE(d, expert, num_experts=E, ep_size=ep_size)
+        self.moe = MoE(d, expert, num_experts=E, ep_size=ep_size, k=k)
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, VOCAB)
 
@@ -53,10 +56,11 @@ class TinyLM(nn.Module):
         return self.head(self.norm(h + out)), l_aux
 
 
-def build(ep_size, rank=0, seed=SEED):
-    """The same global model for every ep_size: experts made distinct per *global* id."""
+def build(ep_size, rank=0, seed=SEED, k=1):
+    """The same global model for every ep_size: experts made distinct per *global* id (DeepSpeed's plain
+    expert + data layout: EP rank = rank % ep_size). ``k``: top-k of the DeepSpeed MoE (before a swap)."""
     torch.manual_seed(seed)
-    model = TinyLM(ep_size)
+    model = TinyLM(ep_size, k=k)
     local = E // ep_size
     ep_rank = rank % ep_size
     with torch.no_grad():
@@ -260,8 +264,40 @@ def _bad_config_and_launcher(rank, world, tmp):
     return out
 
 
+def _compat_run(rank, world):
+    """Megatron-DeepSpeed style: a residual BaseMoE built directly, DeepSpeed's MoE param groups, plain
+    deepspeed.initialize; and our initialize refusing param groups made before its swap."""
+    import deepspeed
+    from deepspeed.moe.utils import has_moe_layers, split_params_into_different_moe_groups_for_optimizer
+
+    import base_plugin.deepspeed as bds
+    torch.manual_seed(SEED)
+    model = TinyLM(2)
+    model.moe = bds.BaseMoE(D, nn.Sequential(nn.Linear(D, FFN), nn.GELU(), nn.Linear(FFN, D)), num_experts=E,
+                            ep_size=2, use_residual=True, shuffle=False)
+    out = {"has_moe_layers": has_moe_layers(model)}
+    param_groups = split_params_into_different_moe_groups_for_optimizer(
+        {"params": list(model.parameters()), "name": "parameters"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups, config=ds_config(world=world))
+    out["groups"] = [(g["name"], bool(g.get("moe")), len(g["params"])) for g in engine.optimizer.param_groups]
+    x = batches(world, 1, 1)[0, 0, rank].to(engine.device)
+    _, out["l_aux"], out["exp_counts"] = engine.module.moe(engine.module.emb(x))
+    engine.backward(lm_loss(engine(x), x))
+    out["residual_grads"] = [float(p.grad.abs().sum()) for p in engine.module.moe.coefficient.parameters()]
+    engine.step()
+    model = build(2, rank)
+    stale = split_params_into_different_moe_groups_for_optimizer({"params": list(model.parameters()), "name": "p"})
+    try:
+        bds.initialize(model=model, model_parameters=stale, config=ds_config(base=section(), world=world))
+    except ValueError as exc:
+        out["stale_groups"] = str(exc)
+    return out
+
+
 def job2(rank, world, tmp):
-    out = {"bad": _bad_config_and_launcher(rank, world, tmp)}
+    out = {"bad": _bad_config_and_launcher(rank, world, tmp), "compat": _compat_run(rank, world)}
     out["eq"] = _equality_run(rank, world, ep_size=2)
     out["clip"] = _clip_run(rank, world)
     out["ckpt"] = _checkpoint_run(rank, world, os.path.join(tmp, "ckpt"))  # ZeRO 1; resharded below
@@ -408,6 +444,21 @@ def test_bad_config_on_ranks_and_launcher_path(two):
         assert "ep_size" in b["ep_too_big"] and "4" in b["ep_too_big"] and "[1, 2]" in b["ep_too_big"]
         assert b["launcher_type"] == "BaseMoE"
         assert b["launcher_args_untouched"] and b["launcher_section_stripped"]
+
+
+def test_deepspeed_moe_helpers_and_outputs(two):
+    """has_moe_layers, split_params_into_different_moe_groups_for_optimizer param groups, use_residual,
+    l_aux and exp_counts as DeepSpeed's MoE gives them, inside a plain deepspeed.initialize on 2 ranks."""
+    n = MICRO * SEQ
+    for r in two:
+        c = r["compat"]
+        assert c["has_moe_layers"] == (True, E)
+        # dense: emb, the residual mlp (2 Linear) and coefficient, norm, head; experts: 2 local x 5 (centroid)
+        assert c["groups"] == [("parameters", False, 1 + 4 + 2 + 2 + 2), ("ep_size_2", True, 2 * 5)]
+        assert float(c["l_aux"]) == 0.0
+        assert c["exp_counts"].tolist() == [n // E] * E  # tokens this rank routed per global expert
+        assert all(g > 0 for g in c["residual_grads"])
+        assert "param groups" in c["stale_groups"] and "model.parameters()" in c["stale_groups"]
 
 
 def test_offline_reshard_cli(two, ckpt_root, tmp_path):

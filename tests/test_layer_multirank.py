@@ -106,6 +106,16 @@ def _job(rank, world, device="cpu"):
         out["sub"] = dict(y=y.detach(), xgrad=x.grad, group_name=layer.centroids.group_name,
                           marked=all(p.allreduce is False for p in layer.parameters()),
                           per_expert=layer.last_stats.tokens_per_expert.tolist())
+        # The group attached after the layer is built (group_size): centroids given before for all
+        # experts are cut to this rank's rows then; a state dict loaded before replaces them.
+        late = [BaseLayer(D, sub_experts[rank % 2: rank % 2 + 1], 2, group_size=2, shuffle=False) for _ in range(2)]
+        late[0].set_centroids(sub_c)
+        late[1].set_centroids(torch.zeros_like(sub_c))
+        late[1].load_state_dict(layer.state_dict())
+        out["late"] = []
+        for one in late:
+            one.set_group(ep)
+            out["late"].append(one(xs[rank]).detach())
         try:
             BaseLayer(D, sub_experts[:1], 2, group=groups[0] if rank >= 2 else groups[1])
             out["member_error"] = None
@@ -272,4 +282,5 @@ def test_expert_parallel_subgroup_of_four_ranks():
         torch.testing.assert_close(torch.cat([out[k]["sub"]["xgrad"] for k in pair]), x.grad, rtol=1e-10, atol=1e-12)
     for k in range(4):
         assert out[k]["sub"]["group_name"] == "ep_size_2" and out[k]["sub"]["marked"]
+        assert all(torch.equal(y, out[k]["sub"]["y"]) for y in out[k]["late"])
         assert "not a member of the expert-parallel group" in out[k]["member_error"]

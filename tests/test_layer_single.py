@@ -317,6 +317,24 @@ def test_bad_input_errors():
         BaseLayer(8, OneBlockShort([BaseExpert(8, 8) for _ in range(2)]), 2)(torch.randn(4, 8))
 
 
+def test_group_size_waits_for_its_group():
+    experts = [BaseExpert(4, 4) for _ in range(2)]
+    layer = BaseLayer(4, experts, 4, group_size=2)
+    assert not layer.attached
+    with pytest.raises(ValueError, match="call set_group"):
+        layer(torch.randn(3, 4))
+    with pytest.raises(ValueError, match="group of 2 ranks, got a group of 1"):
+        layer.set_group(None)  # no torch.distributed: a single process
+    with pytest.raises(ValueError, match=r"shape \(4, 4\)"):
+        layer.set_centroids(torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="group_size"):
+        BaseLayer(4, experts, 4, group=object(), group_size=2)
+    one = BaseLayer(4, experts[:1], 1, group_size=1)  # a group of one is there at once
+    full = torch.randn(1, 4)
+    one.set_centroids(full)
+    assert one.attached and torch.equal(one.centroids.detach(), full)
+
+
 def test_single_process_all_to_all_is_identity():
     x = torch.randn(5, 3)
     assert all_to_all(x, [5], [5], None) is x

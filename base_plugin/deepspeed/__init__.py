@@ -8,6 +8,8 @@
   expert weights) and hands the rest to DeepSpeed.
 * :class:`BaseMoE` — drop-in for ``deepspeed.moe.layer.MoE``; :func:`swap_layers` — the swap alone;
   :func:`parse_section` — the section's schema and validation; :mod:`.reshard` — offline resharding.
+* :func:`load_checkpoint` — ``engine.load_checkpoint`` that also resumes with another ``ep_size`` or
+  world size, optimizer state included, and a top-k run as BASE.
 
 Importing this package changes nothing: on a CPU machine call :func:`use_cpu_accelerator` in every
 process that trains (our CLI, demo, examples and tests do), on GPUs DeepSpeed picks its accelerator as
@@ -41,7 +43,7 @@ _EXPORTS = {
     "BaseMoE": "moe", "DeepSpeedExperts": "moe", "base_moe_layers": "moe", "ensure_expert_groups": "moe",
     "BaseLayerConfig": "config", "parse_section": "config", "split_config": "config", "SECTION": "config",
     "swap_layers": "swap",
-    "initialize": "engine",
+    "initialize": "engine", "load_checkpoint": "resume",
     "reshard_checkpoint": "reshard",
 }
 __all__ = sorted(_EXPORTS)

@@ -15,3 +15,25 @@ def skip_shm_comm_build() -> None:
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def drop_token_rows(x):
+    """This tensor-parallel rank's block of the rows of x [n, d] (n divisible by the TP size):
+    ``deepspeed.moe.mappings.drop_tokens`` along dim 0, whose backward gathers.
+
+    DeepSpeed 0.16 – 0.19.8 (checked on 0.19.8 with torch 2.13): its mappings gather into a flat
+    buffer of TP·numel elements, which torch's gloo backend rejects for inputs of more than one
+    dimension ("ProcessGroupGloo::allgather: invalid tensor size"). So the rows travel flattened: the
+    blocks of the flat tensor are the blocks of rows, the same result on every backend."""
+    from deepspeed.moe.mappings import drop_tokens
+
+    return drop_tokens(x.reshape(-1), dim=0).view(-1, x.shape[-1])
+
+
+def gather_token_rows(x):
+    """The rows of every tensor-parallel rank's x [m, d] (the same m on all), in TP rank order:
+    ``deepspeed.moe.mappings.gather_tokens`` along dim 0, whose backward drops; flattened for gloo as in
+    :func:`drop_token_rows`."""
+    from deepspeed.moe.mappings import gather_tokens
+
+    return gather_tokens(x.reshape(-1), dim=0).view(-1, x.shape[-1])

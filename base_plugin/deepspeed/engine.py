@@ -11,8 +11,12 @@ of the config as a dict (the user's dict and ``args`` are not modified). Without
 ``"enabled": false``) this is exactly ``deepspeed.initialize``.
 
 ``model_parameters``: a generator (``model.parameters()``) is lazy, so DeepSpeed reads it after the swap
-and the new layers' parameters are included. A *list* built before the call would miss the new
-centroids and any new experts: it is rejected with ValueError when the swap added parameters.
+and the new layers' parameters are included. A *list* (of parameters, or of param groups such as
+``split_params_into_different_moe_groups_for_optimizer`` makes) built before the call would miss the
+new centroids and any new experts: it is rejected with ValueError when the swap added parameters.
+
+``mpu``: handed to DeepSpeed, which stores it before the layers make their process groups
+(``set_deepspeed_parallelism``), for DeepSpeed's MoE layers and BaseMoE alike.
 """
 from __future__ import annotations
 
@@ -52,18 +56,17 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
             if distributed_port is not None:
                 init_kwargs["distributed_port"] = distributed_port
             deepspeed.init_distributed(**init_kwargs)
-        if mpu is not None:
-            from deepspeed.utils import groups
-            groups.mpu = mpu
         before = {id(p) for p in model.parameters()} if model is not None else set()
         swap_layers(model, section, use_data_before_expert_parallel=_use_data_before_expert_parallel(clean))
         added = [p for p in model.parameters() if id(p) not in before]
-        if added and isinstance(model_parameters, (list, tuple)) and not any(
-                isinstance(p, dict) for p in model_parameters):
-            known = {id(p) for p in model_parameters}
+        listed = [entry.get("params") if isinstance(entry, dict) else [entry]
+                  for entry in model_parameters] if isinstance(model_parameters, (list, tuple)) else []
+        if added and listed and all(isinstance(ps, (list, tuple)) for ps in listed):
+            known = {id(p) for ps in listed for p in ps}
             if not any(id(p) in known for p in added):
-                raise ValueError("model_parameters is a list made before the BASE swap and misses the new layers' "
-                                 "parameters: pass model.parameters() (a generator) or build the list afterwards")
+                raise ValueError("model_parameters (a list of parameters or of param groups) was made before the BASE "
+                                 "swap and misses the new layers' parameters: pass model.parameters() (a generator) or "
+                                 "build the list or groups afterwards")
         config, config_params = clean, None
     call = dict(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
                 training_data=training_data, lr_scheduler=lr_scheduler, mpu=mpu,

@@ -1,14 +1,15 @@
 """Resharding BaseMoE checkpoints to another expert-parallel size.
 
-**Inside DeepSpeed** nothing is needed for the weights: DeepSpeed writes one file per *global* expert
-(``layer_<l>_expert_<g>_mp_rank_00_model_states.pt``, centroids included, see :mod:`.moe`) and every
-rank reads back the experts it owns under the new ``ep_size``. Build the model with the new
-``ep_size`` (or set ``"base_layer": {"ep_size": N}`` for plain FFNs) and call
+**Inside DeepSpeed** build the model with the new ``ep_size`` (or set ``"base_layer": {"ep_size": N}``
+for plain FFNs) and call
 
-    engine.load_checkpoint(ckpt_dir, tag, load_module_only=True)
+    base_plugin.deepspeed.load_checkpoint(engine, ckpt_dir, tag)
 
-(``load_module_only``: optimizer states are partitioned by the old layout — ZeRO shards per data-parallel
-rank, or per expert-parallel rank without ZeRO — and do not carry over; the optimizer starts afresh).
+DeepSpeed writes one file per *global* expert (``layer_<l>_expert_<g>_mp_rank_00_model_states.pt``,
+centroids included, see :mod:`.moe`) and every rank reads back the experts it owns under the new
+``ep_size``; the optimizer state, which DeepSpeed stores by the old layout, is carried over per
+parameter by :mod:`.resume` (``engine.load_checkpoint(ckpt_dir, tag, load_module_only=True)`` loads
+the weights alone, the optimizer starting afresh).
 
 **Outside DeepSpeed** (inference, conversion, inspection) this module reads such a checkpoint into plain
 ``state_dict``s for any ``ep_size``:
@@ -118,8 +119,8 @@ def main(argv=None) -> int:
         prog="base-plugin reshard",
         description="Write the model state of a DeepSpeed BaseMoE/MoE checkpoint as one plain state dict per "
                     "expert-parallel rank for a new ep_size. (To keep training with DeepSpeed under another "
-                    "ep_size you do not need this: engine.load_checkpoint(dir, load_module_only=True) "
-                    "already reads the per-expert files for the new layout.)")
+                    "ep_size you do not need this: base_plugin.deepspeed.load_checkpoint(engine, dir) "
+                    "reads the per-expert files for the new layout and carries the optimizer state.)")
     parser.add_argument("checkpoint", help="the directory given to engine.save_checkpoint")
     parser.add_argument("--ep-size", type=int, required=True, help="the new expert-parallel size")
     parser.add_argument("--out", required=True, help="output directory")

@@ -68,9 +68,9 @@ def route(scores: torch.Tensor, choice: Router) -> Routing:
     return Routing(experts, experts, objective, gap)
 
 
-def _all_to_all(values: torch.Tensor, send_splits, recv_splits, group) -> torch.Tensor:
+def _all_to_all(values: torch.Tensor, send_splits, recv_splits, group, comm) -> torch.Tensor:
     out = values.new_empty((sum(recv_splits),) + tuple(values.shape[1:]))
-    dist.all_to_all_single(out, values.contiguous(), output_split_sizes=list(recv_splits),
+    comm.all_to_all_single(out, values.contiguous(), output_split_sizes=list(recv_splits),
                            input_split_sizes=list(send_splits), group=group)
     return out
 
@@ -111,7 +111,7 @@ def exact_dispatch_counts(sizes: Sequence[int], num_experts: int, rank: int
 
 
 def route_shuffled(scores: torch.Tensor, choice: Router, group: Optional[dist.ProcessGroup],
-                   sizes: Optional[Sequence[int]] = None, incoming: bool = False) -> Routing:
+                   sizes: Optional[Sequence[int]] = None, incoming: bool = False, comm=dist) -> Routing:
     """:func:`route` after dealing the rows of ``scores`` [n, E] out at random over ``group``.
 
     Collective over ``group``: every member must call it, with any n (0 included). Three
@@ -121,7 +121,7 @@ def route_shuffled(scores: torch.Tensor, choice: Router, group: Optional[dist.Pr
     per-expert tallies, and :attr:`Routing.incoming` tells this rank what every rank will send to its
     experts, so the caller's dispatch needs no count exchange. The random permutation comes from
     torch's global generator on this rank. ``group`` None or of size 1: plain :func:`route`
-    (``incoming`` None).
+    (``incoming`` None). ``comm``: whose ``all_to_all_single`` is called (torch.distributed's signature).
     """
     if group is None or dist.get_world_size(group) == 1:
         return route(scores, choice)
@@ -134,13 +134,13 @@ def route_shuffled(scores: torch.Tensor, choice: Router, group: Optional[dist.Pr
     if sizes is None:
         send_counts = torch.tensor(send_splits, dtype=torch.long, device=scores.device)
         recv_counts = torch.empty_like(send_counts)
-        dist.all_to_all_single(recv_counts, send_counts, group=group)
+        comm.all_to_all_single(recv_counts, send_counts, group=group)
         recv_splits = recv_counts.tolist()  # the shuffle's one host sync
     else:
         if len(sizes) != world or sizes[rank] != n:
             raise ValueError(f"sizes={list(sizes)} does not fit a group of {world} ranks with {n} rows on rank {rank}")
         recv_splits = [m // world + (rank < m % world) for m in sizes]  # rank's share of each deal
-    received = _all_to_all(scores[perm], send_splits, recv_splits, group)
+    received = _all_to_all(scores[perm], send_splits, recv_splits, group, comm)
     mine = route(received, choice)
     if incoming:
         # message to rank t: tally[s, i] = rows from origin s this rank gave t's local expert i, then
@@ -154,12 +154,12 @@ def route_shuffled(scores: torch.Tensor, choice: Router, group: Optional[dist.Pr
         pieces = [p for t, chunk in enumerate(mine.solved.split(recv_splits)) for p in (tally[t], chunk)]
         head = world * local
         back = _all_to_all(torch.cat(pieces), [head + m for m in recv_splits], [head + m for m in send_splits],
-                           group)
+                           group, comm)
         chunks = back.split([head + m for m in send_splits])
         counts = torch.stack([c[:head] for c in chunks]).sum(0)
         back = torch.cat([c[head:] for c in chunks])
     else:
-        back, counts = _all_to_all(mine.solved, recv_splits, send_splits, group), None
+        back, counts = _all_to_all(mine.solved, recv_splits, send_splits, group, comm), None
     experts = torch.empty_like(back)
     experts[perm] = back
     return Routing(experts, mine.solved, mine.objective, mine.gap, counts)
