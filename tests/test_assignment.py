@@ -1,12 +1,17 @@
-"""Exactness of the balanced assignment against scipy's exact solvers, on random and adversarial inputs."""
+"""Exactness of the balanced (top-k) assignment against scipy's exact solvers, on random and adversarial
+inputs, for both backends; the torch path's bound on host reads."""
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
-from scipy.optimize import linear_sum_assignment
+from scipy.optimize import linear_sum_assignment, linprog
 
 import base_plugin.assignment.exact as exact
-from base_plugin.assignment import (AssignmentError, balanced_assignment, default_capacity,
-                                    greedy_assignment, kernel_available, solve_balanced_assignment)
+import base_plugin.assignment.host_repair as host_repair
+from base_plugin.assignment import (AssignmentError, balanced_assignment, balanced_topk_assignment,
+                                    default_capacity, greedy_assignment, kernel_available,
+                                    solve_balanced_assignment)
+from base_plugin.assignment.host_reads import count_host_reads
 from base_plugin.assignment.inputs import finite_scores
 
 # Every exactness test runs on both solvers: the pure-torch path (any device) and the compiled CPU
@@ -25,16 +30,40 @@ def optimum(scores: torch.Tensor, capacity) -> float:
     return float(big[rows, picked].sum())
 
 
-def check_exact(scores, capacity=None, rtol=1e-6, backend="auto"):
-    """Solve, then assert exact balance and an objective equal to scipy's optimum."""
-    res = solve_balanced_assignment(scores, capacity, backend=backend)
+def lp_optimum(scores: torch.Tensor, capacity, k: int) -> float:
+    """Exact optimum of the b-matching LP (integral): each token k distinct experts (x <= 1), each
+    expert exactly its capacity; scipy's HiGHS."""
+    s = scores.double().numpy()
+    n, e = s.shape
+    if n == 0:
+        return 0.0
+    rows = np.concatenate([np.repeat(np.arange(n), e), n + np.tile(np.arange(e), n)])
+    cols = np.concatenate([np.arange(n * e), np.arange(n * e)])
+    a_eq = sp.csr_matrix((np.ones(2 * n * e), (rows, cols)), shape=(n + e, n * e))
+    b_eq = np.concatenate([np.full(n, k), np.asarray(capacity, dtype=np.float64)])
+    res = linprog(-s.reshape(-1), A_eq=a_eq, b_eq=b_eq, bounds=(0, 1), method="highs")
+    assert res.status == 0, res.message
+    return float(-res.fun)
+
+
+def check_exact(scores, capacity=None, rtol=1e-6, backend="auto", k=1):
+    """Solve, then assert exact balance, k distinct experts per token ordered by score, and an objective
+    equal to scipy's optimum (Hungarian for k == 1, the b-matching LP for k > 1)."""
+    res = solve_balanced_assignment(scores, capacity, k=k, backend=backend)
     n, e = scores.shape
-    cap = default_capacity(n, e) if capacity is None else torch.as_tensor(capacity)
-    assert res.experts.dtype == torch.long and res.experts.shape == (n,)
-    assert torch.equal(torch.bincount(res.experts, minlength=e), cap.long())
+    cap = default_capacity(n, e, k=k) if capacity is None else torch.as_tensor(capacity)
     work = finite_scores(scores)
-    got = float(work.double().gather(1, res.experts[:, None]).sum())
-    want = optimum(work, cap)
+    assert res.experts.dtype == torch.long and res.experts.shape == ((n,) if k == 1 else (n, k))
+    held = res.experts.view(n, k)
+    assert torch.equal(torch.bincount(held.reshape(-1), minlength=e), cap.long())
+    if k > 1 and n:
+        assert all(len(set(row)) == k for row in held.tolist())
+        vals = work.gather(1, held)
+        assert bool((vals[:, :-1] >= vals[:, 1:]).all())  # highest first
+        tie = vals[:, :-1] == vals[:, 1:]
+        assert bool((held[:, :-1] < held[:, 1:])[tie].all())  # ties by lower index
+    got = float(work.double().gather(1, held).sum())
+    want = optimum(work, cap) if k == 1 else lp_optimum(work, cap, k)
     scale = max(1.0, float(work.double().abs().sum()))
     assert abs(got - want) <= rtol * scale, (got, want)
     gap = float(res.gap)
@@ -85,15 +114,18 @@ def test_working_set_path_float32(n, e, backend):
     check_exact(s, rtol=1e-6)
 
 
-def test_enlarging_the_working_set_stays_exact(monkeypatch):  # torch path: its constants are patched
-    # force working sets that are too small, so the enlargement and fallback branches run
-    monkeypatch.setattr(exact, "_WORKING_PER_UNIT", 1)
+@pytest.mark.parametrize("k", [1, 3])
+def test_enlarging_the_working_set_stays_exact(monkeypatch, k):  # torch path: its constants are patched
+    # force working sets that are too small, so the over-full and stale rounds run
+    monkeypatch.setattr(exact, "_WORKING_FRACTION", 10 ** 9)
     monkeypatch.setattr(exact, "_WORKING_PER_EXPERT", 1)
+    monkeypatch.setattr(exact, "_STALE_PER_EXPERT", 1)
     monkeypatch.setattr(exact, "_NEWTON_STEPS", 1)
     for seed in range(5):
         g = torch.Generator().manual_seed(seed)
-        s = torch.randn(1200, 32, generator=g) @ (0.2 * torch.randn(6, 32, generator=g)).T
-        check_exact(s, rtol=1e-6)
+        s = torch.randn(300, 32, generator=g) @ (0.2 * torch.randn(6, 32, generator=g)).T
+        res = check_exact(s, rtol=1e-6, backend="torch", k=k)
+        assert res.info["rounds"] > 1
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -235,7 +267,8 @@ def test_bad_capacity(cap, match):
 
 
 def test_phase_bound_raises_clear_error(monkeypatch):
-    monkeypatch.setattr(exact, "_pack_paths", lambda *a: [])
+    monkeypatch.setattr(host_repair, "_cpu_kernel", None)
+    monkeypatch.setattr(host_repair, "_pack_paths", lambda *a: [])
     s = torch.zeros(10, 2)
     s[:, 0] = 1
     with pytest.raises(AssignmentError, match="no progress"):
@@ -294,3 +327,110 @@ def test_strong_expert_bias_float32(seed, backend):
     s = torch.randn(n, e, generator=g) + 3 * torch.randn(e, generator=g)
     res = check_exact(s, rtol=1e-6, backend=backend)
     assert float(res.prices.abs().amax()) <= 2 * float(s.amax() - s.amin())
+
+
+# ---------------------------------------------------------------------------------------------- top-k
+
+def _k_for(seed, e):
+    return 1 + seed % e if e > 1 else 1
+
+
+@pytest.mark.parametrize("seed", range(150))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_topk_random_default_capacity(seed, backend):
+    s = _gen(seed)[:60]
+    check_exact(s, rtol=1e-9, backend=backend, k=_k_for(seed, s.shape[1]))
+
+
+@pytest.mark.parametrize("seed", range(60))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_topk_random_explicit_capacity(seed, backend):
+    s = _gen(seed + 3000)[:50]
+    n, e = s.shape
+    k = _k_for(seed, e)
+    g = torch.Generator().manual_seed(seed)
+    cap = torch.zeros(e, dtype=torch.long)  # k distinct experts per token, drawn at random
+    for _ in range(n):
+        cap[torch.randperm(e, generator=g)[:k]] += 1
+    check_exact(s, cap, rtol=1e-9, backend=backend, k=k)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_topk_numpy_repair(seed, monkeypatch):  # the torch path without the compiled kernel
+    monkeypatch.setattr(host_repair, "_cpu_kernel", None)
+    s = _gen(seed + 5000)[:60]
+    check_exact(s, rtol=1e-9, backend="torch", k=_k_for(seed, s.shape[1]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_topk_larger_float32(backend):
+    g = torch.Generator().manual_seed(11)
+    s = torch.randn(400, 64, generator=g) @ (0.1 * torch.randn(16, 64, generator=g)).T
+    for k in (2, 4):
+        check_exact(s, rtol=1e-6, backend=backend, k=k)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_topk_edge_shapes_and_rules(backend):
+    check_exact(torch.zeros(0, 5), k=3, backend=backend)
+    check_exact(torch.randn(2, 9, dtype=torch.float64), k=3, backend=backend)   # N * k < E
+    check_exact(torch.randn(7, 4, dtype=torch.float64), k=4, backend=backend)   # k == E
+    check_exact(torch.zeros(30, 6), k=2, backend=backend)                       # all ties
+    check_exact(torch.randint(-3, 4, (40, 7)), k=3, backend=backend)            # integers
+    s = torch.randn(40, 6, dtype=torch.float64)
+    s[:, 2] = float("-inf")
+    s[::5, 4] = float("nan")
+    check_exact(s, [20, 20, 20, 0, 20, 0], k=2, backend=backend)
+    for dtype in (torch.float16, torch.bfloat16):
+        check_exact(torch.randn(50, 8).to(dtype), k=2, backend=backend, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_topk_k1_is_balanced_assignment(backend):
+    s = torch.randn(200, 8)
+    assert torch.equal(balanced_topk_assignment(s, 1, backend=backend), balanced_assignment(s, backend=backend)[:, None])
+    first = balanced_topk_assignment(s, 3, backend=backend)
+    assert torch.equal(balanced_topk_assignment(s, 3, backend=backend), first)  # deterministic
+
+
+def test_topk_backends_agree():
+    g = torch.Generator().manual_seed(12)
+    s = torch.randn(2000, 64, generator=g) @ (0.1 * torch.randn(32, 64, generator=g)).T
+    got = [solve_balanced_assignment(s.double(), k=4, backend=b) for b in BACKENDS]
+    assert float(got[0].objective) == pytest.approx(float(got[1].objective), rel=1e-12)
+    assert abs(float(got[0].gap)) < 1e-9 * float(s.abs().sum())
+
+
+def test_default_capacity_k():
+    assert default_capacity(10, 4, k=3).tolist() == [8, 8, 7, 7]
+    assert default_capacity(3, 8, k=2).tolist() == [1, 1, 1, 1, 1, 1, 0, 0]
+
+
+@pytest.mark.parametrize("k,cap,match", [
+    (0, None, "at least 1"), (5, None, "at most the number of experts"), (1.5, None, "must be an integer"),
+    (True, None, "must be an integer"), (2, [4, 4, 3, 0], r"sum to the number of tokens times k"),
+    (2, [7, 3, 1, 1], "cannot be met"),
+])
+def test_bad_k_and_capacity(k, cap, match):
+    with pytest.raises(ValueError, match=match):
+        solve_balanced_assignment(torch.zeros(6, 4), cap, k=k)
+
+
+def test_greedy_topk():
+    s = torch.tensor([[0.0, 1.0, 1.0, float("nan")], [3.0, 2.0, 1.0, 0.0]])
+    assert greedy_assignment(s, k=2).tolist() == [[1, 2], [0, 1]]
+    with pytest.raises(ValueError, match="at most"):
+        greedy_assignment(s, k=5)
+
+
+# --------------------------------------------------------------------------------------- host reads
+
+@pytest.mark.parametrize("n,e,k", [(1024, 8, 1), (2048, 128, 1), (4096, 64, 1), (8192, 64, 1),
+                                   (16384, 128, 1), (4096, 64, 8), (8192, 32, 2)])
+def test_torch_path_host_reads_are_bounded(n, e, k):
+    # each host read of a CUDA tensor is a device synchronisation; the torch path makes at most 4
+    g = torch.Generator().manual_seed(n + e)
+    s = torch.randn(n, 64, generator=g) @ (0.1 * torch.randn(e, 64, generator=g)).T
+    reads, res = count_host_reads(lambda: solve_balanced_assignment(s, k=k, backend="torch"))
+    assert reads <= 4, reads
+    assert abs(float(res.gap)) <= 1e-6 * float(s.abs().sum())

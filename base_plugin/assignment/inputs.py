@@ -19,7 +19,9 @@ substituted scores.
 """
 from __future__ import annotations
 
-from typing import Sequence, Union
+import math
+import numbers
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -64,18 +66,50 @@ def finite_scores(scores: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(s), lo - 2 * gap, s)
 
 
-def default_capacity(num_tokens: int, num_experts: int, device=None) -> torch.Tensor:
-    """As equal as possible: every expert gets ``N // E`` tokens and the first ``N % E`` one more."""
-    cap = torch.full((num_experts,), num_tokens // num_experts, dtype=torch.long, device=device)
-    cap[: num_tokens % num_experts] += 1
+def finite_scores_with_range(scores: torch.Tensor, extra: Optional[torch.Tensor] = None):
+    """``(s, lo, hi, extra_values)``: ``finite_scores(scores)``, its smallest and largest value as
+    floats, and ``extra`` (a 1-d tensor on the scores' device, or None) read back as a list. One host
+    read when every score is finite; a few more otherwise. ``lo = hi = 0`` for an empty matrix."""
+    s = scores.to(working_dtype(scores.dtype))
+    parts = [] if s.numel() == 0 else [torch.stack(torch.aminmax(s)).double()]
+    if extra is not None:
+        parts.append(extra.reshape(-1).to(device=s.device, dtype=torch.float64))
+    values = torch.cat(parts).tolist() if parts else []
+    if s.numel() == 0:
+        return s, 0.0, 0.0, values
+    lo, hi, rest = values[0], values[1], values[2:]
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        s = finite_scores(s)
+        lo, hi = torch.stack(torch.aminmax(s)).double().tolist()
+    return s, lo, hi, rest
+
+
+def check_k(k, num_experts: int) -> int:
+    """Return ``k`` (experts per token) as an int; ValueError unless it is an integer in 1 .. E."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise ValueError(f"k (experts per token) must be an integer, got {k!r}")
+    k = int(k)
+    if k < 1:
+        raise ValueError(f"k (experts per token) must be at least 1, got {k}")
+    if k > num_experts:
+        raise ValueError(f"k (experts per token) must be at most the number of experts ({num_experts}), got {k}")
+    return k
+
+
+def default_capacity(num_tokens: int, num_experts: int, device=None, k: int = 1) -> torch.Tensor:
+    """As equal as possible: the ``N * k`` token-expert slots split over the E experts, every expert
+    getting ``N * k // E`` and the first ``N * k % E`` one more (each at most N when k <= E)."""
+    slots = num_tokens * k
+    cap = torch.full((num_experts,), slots // num_experts, dtype=torch.long, device=device)
+    cap[: slots % num_experts] += 1
     return cap
 
 
-def resolve_capacity(capacity: CapacityLike, num_tokens: int, num_experts: int, device) -> torch.Tensor:
-    """Return capacities as a LongTensor[E] on ``device``; ValueError if they are not E
-    non-negative integers summing to the number of tokens."""
+def resolve_capacity(capacity: CapacityLike, num_tokens: int, num_experts: int, device, k: int = 1) -> torch.Tensor:
+    """Return capacities as a LongTensor[E] on ``device``; ValueError unless they are E non-negative
+    integers summing to ``N * k``, each at most N when k > 1 (a token cannot take an expert twice)."""
     if capacity is None:
-        return default_capacity(num_tokens, num_experts, device)
+        return default_capacity(num_tokens, num_experts, device, k)
     cap = torch.as_tensor(capacity, device=device)
     if cap.is_floating_point():
         if not bool((cap == cap.round()).all()):
@@ -85,9 +119,14 @@ def resolve_capacity(capacity: CapacityLike, num_tokens: int, num_experts: int, 
     cap = cap.to(torch.long)
     if cap.shape != (num_experts,):
         raise ValueError(f"capacity must have shape [{num_experts}] (one entry per expert), got {tuple(cap.shape)}")
-    if bool((cap < 0).any()):
+    low, total, high = (int(v) for v in torch.stack([cap.amin(), cap.sum(), cap.amax()]).tolist())
+    if low < 0:
         raise ValueError(f"capacity must be non-negative, got {cap.tolist()}")
-    total = int(cap.sum())
-    if total != num_tokens:
-        raise ValueError(f"capacity must sum to the number of tokens ({num_tokens}), got sum {total}")
+    slots = num_tokens * k
+    if total != slots:
+        what = "the number of tokens" if k == 1 else f"the number of tokens times k ({num_tokens} * {k})"
+        raise ValueError(f"capacity must sum to {what} ({slots}), got sum {total}")
+    if high > num_tokens:
+        raise ValueError(f"capacity cannot be met: an expert can take at most the {num_tokens} tokens (a token "
+                         f"cannot take an expert twice), got capacities {cap.tolist()}")
     return cap
