@@ -264,7 +264,7 @@ def test_mismatches_raise_on_every_rank(job):
         assert "disagree on the mode" in out[k]["mode_error"]
         assert "disagree on the mode" in out[k]["router_error"] and "exact routing" in out[k]["router_error"]
         assert "not divisible by the expert-parallel group size" in out[k]["divisible_error"]
-        assert "disagree on (d_model, num_experts, local experts)" in out[k]["size_error"]
+        assert "disagree on (d_model, num_experts, local experts, top_k)" in out[k]["size_error"]
 
 
 def test_expert_parallel_subgroup_of_four_ranks():

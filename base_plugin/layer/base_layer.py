@@ -1,6 +1,7 @@
 """The BASE layer (Lewis et al. 2021): balanced assignment of tokens to experts, expert-parallel."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -11,14 +12,29 @@ from .all_to_all import all_to_all, exchange_counts
 from .experts import ExpertList, GroupedExperts
 from .groups import expert_group_name, mark_expert_parameters, resolve_group
 from .permute import Permutation
-from .routing import Router, check_router, device_longs, exact_dispatch_counts, route_shuffled
+from .routing import Router, Routing, check_router, device_longs, exact_dispatch_counts, route_shuffled
 from .stats import RoutingStats
+
+COMBINES = ("mean", "sum")
+
+
+@dataclass
+class _Dispatch:
+    """One call's token exchange: host ints ``send`` / ``recv`` [W] (slots to / from every group rank),
+    ``counts`` [E/W] (slots per local expert) and ``recv_counts`` LongTensor[W * E/W] on the device
+    (slots from group rank s for local expert i at s * E/W + i)."""
+
+    send: List[int]
+    recv: List[int]
+    counts: List[int]
+    recv_counts: torch.Tensor
 
 _CENTROID_GAIN = 0.1  # small centroids: the gate starts near 1/2 and tokens are spread by direction only
 
 
 class BaseLayer(nn.Module):
-    """Expert-parallel BASE layer: every token goes to exactly one expert, the load balanced exactly.
+    """Expert-parallel BASE layer: every token goes to exactly one expert (or k distinct experts with
+    ``top_k=k``), the load balanced exactly.
 
     ``forward(x)``: x is a float Tensor[..., d_model] (any leading shape, possibly 0 tokens, a different
     number of tokens on every rank); returns Tensor of the same shape and dtype. Per call:
@@ -30,14 +46,21 @@ class BaseLayer(nn.Module):
        domain (:func:`~base_plugin.layer.routing.route_shuffled`: the hidden states themselves wait
        and later go straight to their expert);
     3. routing: training → ``assignment`` (default exact balanced assignment *per rank*: every expert
-       gets ``n // E`` or ``n // E + 1`` of the n rows this rank routes); not training → ``inference``
-       (default greedy argmax);
+       gets ``n // E`` or ``n // E + 1`` of the n rows this rank routes; with ``top_k=k`` every row
+       takes k distinct experts and every expert gets ``n·k // E`` or one more of the ``n·k`` slots);
+       not training → ``inference`` (default greedy: the best expert, or the k best);
     4. tokens go to their expert's rank with ``all_to_all_single``. Every rank must know what it will
        receive: with exact routing this follows from the row counts alone (without a shuffle) or is
        tallied on the shuffle's experts-back messages; other routers (greedy inference, a callable
        without a shuffle) exchange counts first;
     5. ``y = α·f_e(x) + (1 − α)·x`` with ``α = σ(x · c_e)`` — the centroids learn through the gate only;
+       with k > 1 each of a token's k experts gives such a mix and :meth:`combine` joins them
+       (``top_k_combine``: ``"mean"`` of the k mixes, or their ``"sum"`` of gated updates on x);
     6. results go back and the original order and shape are restored.
+
+    With exact routing the layer keeps the solver's dual prices from one training call to the next
+    and starts the next solve from them (same answer, fewer solver steps); a different number of rows,
+    k or device starts cold.
 
     "Training" is ``self.training`` (``model.train()`` / ``model.eval()``), not ``torch.is_grad_enabled()``
     as in the reference code: the routing of a module then does not change when it is recomputed with
@@ -56,7 +79,8 @@ class BaseLayer(nn.Module):
             initialised, else a single process). It may be a subgroup, e.g. one of two EP groups inside
             a 4-rank world whose other dimension is data parallel.
         shuffle: randomly redistribute tokens over the group before routing (training only).
-        assignment: routing while training, ``"exact"`` | ``"greedy"`` | callable(scores[n, E]) -> LongTensor[n].
+        assignment: routing while training, ``"exact"`` | ``"greedy"`` | callable(scores[n, E]) -> LongTensor[n]
+            (LongTensor[n, k] with ``top_k=k``).
         inference: routing while not training, same choices.
         group_name: the ``group_name`` mark of expert parameters (default DeepSpeed's ``"ep_size_<W>"``).
         group_size: build the layer for an expert-parallel group of this size that is attached later with
@@ -64,6 +88,9 @@ class BaseLayer(nn.Module):
             engine does); ``group`` must then be None. Until attached, ``forward`` raises ValueError and
             the centroids wait: the rows this rank keeps are chosen when it learns its rank. 1 is a
             single process at once.
+        top_k: experts per token, 1 (the paper) to ``num_experts``; a token's k experts are distinct.
+        top_k_combine: how a token's k expert mixes make its output, ``"mean"`` (default) or ``"sum"``
+            (see :meth:`combine`); unused for k = 1.
         comm: what the layer calls its collectives on — an object with torch.distributed's
             ``all_gather`` and ``all_to_all_single`` (same signatures); default ``torch.distributed``.
             A framework adapter passes its own (``deepspeed.comm``, whose comms logger then sees them).
@@ -80,10 +107,11 @@ class BaseLayer(nn.Module):
     token all_to_alls in reverse. Every rank of the group must call forward (and backward)
     the same number of times, whatever its number of tokens.
 
-    Raises ValueError for: a bad hidden size of ``x``; ``num_experts`` not divisible by W; a number of
+    Raises ValueError for: a bad hidden size of ``x``; a ``top_k`` outside 1 … num_experts or an unknown
+    ``top_k_combine``; ``num_experts`` not divisible by W; a number of
     local experts other than ``num_experts / W``; experts whose declared ``d_model`` differs; a group
     this process is not in; an unknown router; ranks of the group disagreeing on d_model or num_experts
-    (checked once, at the first call) or on the mode — training, shuffling, exact routing or not
+    or top_k (checked once, at the first call) or on the mode — training, shuffling, exact routing or not
     (checked every call) — raised on every rank of the group alike, so none is left waiting.
 
     After each call ``last_stats`` holds a :class:`RoutingStats` (device tensors, no host sync).
@@ -92,7 +120,7 @@ class BaseLayer(nn.Module):
     def __init__(self, d_model: int, experts: Union[Sequence[nn.Module], GroupedExperts], num_experts: int,
                  group: Optional[dist.ProcessGroup] = None, *, shuffle: bool = True, assignment: Router = "exact",
                  inference: Router = "greedy", group_name: Optional[str] = None, group_size: Optional[int] = None,
-                 comm=None):
+                 comm=None, top_k: int = 1, top_k_combine: str = "mean"):
         super().__init__()
         if group_size is None:
             self.group, self.world, self.rank = resolve_group(group)
@@ -121,6 +149,13 @@ class BaseLayer(nn.Module):
         for name, router in (("assignment", assignment), ("inference", inference)):
             check_router(name, router, "BaseLayer")
         self.shuffle, self.assignment, self.inference = shuffle, assignment, inference
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+            raise ValueError(f"BaseLayer: top_k must be an int from 1 to num_experts={num_experts} (k distinct experts "
+                             f"per token), got {top_k!r}")
+        if top_k_combine not in COMBINES:
+            raise ValueError(f"BaseLayer: top_k_combine must be one of {COMBINES}, got {top_k_combine!r}")
+        self.top_k, self.top_k_combine = top_k, top_k_combine
+        self._prices = None  # ((rows, top_k, device), Tensor[E]): the last exact solve's prices, a warm start
 
         # Every rank draws the full [E, d] matrix and keeps its rows, so with a common seed the
         # global centroids do not depend on the expert-parallel size.
@@ -134,8 +169,9 @@ class BaseLayer(nn.Module):
         self._sizes_checked = False
 
     def extra_repr(self) -> str:
+        top_k = "" if self.top_k == 1 else f", top_k={self.top_k}, top_k_combine={self.top_k_combine!r}"
         return (f"d_model={self.d_model}, num_experts={self.num_experts}, ep_size={self.world}, "
-                f"shuffle={self.shuffle}, assignment={self.assignment!r}, inference={self.inference!r}")
+                f"shuffle={self.shuffle}, assignment={self.assignment!r}, inference={self.inference!r}{top_k}")
 
     def set_group(self, group: Optional[dist.ProcessGroup]) -> None:
         """Attach the expert-parallel process group (a layer built with ``group_size``, or one moving to
@@ -186,12 +222,13 @@ class BaseLayer(nn.Module):
 
     def _check_sizes(self, device: torch.device) -> None:
         """Once: all ranks of the group hold the same sizes (else the collectives below could not match)."""
-        mine = torch.tensor([self.d_model, self.num_experts, self.num_local], dtype=torch.long, device=device)
+        mine = torch.tensor([self.d_model, self.num_experts, self.num_local, self.top_k], dtype=torch.long,
+                            device=device)
         rows = [torch.empty_like(mine) for _ in range(self.world)]  # on the device too: NCCL needs it
         self.comm.all_gather(rows, mine, group=self.group)
         sizes = torch.stack(rows).cpu()
         if not bool((sizes == mine.cpu()).all()):
-            raise ValueError("ranks of the expert-parallel group disagree on (d_model, num_experts, local experts): "
+            raise ValueError("ranks of the expert-parallel group disagree on (d_model, num_experts, local experts, top_k): "
                              f"{sizes.tolist()}")
         self._sizes_checked = True
 
@@ -238,60 +275,98 @@ class BaseLayer(nn.Module):
             mixed.append(torch.lerp(chunk, f, gates[-1].unsqueeze(-1)))
         return torch.cat(mixed), torch.cat(gates)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _check_input(self, x: torch.Tensor) -> None:
         if not self.attached:
             raise ValueError(f"BaseLayer was built with group_size={self.world} and has no process group yet: call "
                              "set_group() first")
         if x.dim() < 1 or x.shape[-1] != self.d_model:
             raise ValueError(f"expected input of shape [..., {self.d_model}], got {tuple(x.shape)}")
-        shape, dev = x.shape, x.device
+
+    def _warm_prices(self, rows: int, scores: torch.Tensor) -> Optional[torch.Tensor]:
+        """The prices of this layer's previous exact solve, if it solved the same problem shape (rows,
+        top_k) on the same device; else None (a cold start)."""
+        kept = self._prices
+        if kept is None or kept[0] != (rows, self.top_k, scores.device):
+            return None
+        return kept[1]
+
+    def _dispatch(self, routing: Routing, slots: torch.Tensor, sizes: Optional[List[int]], rows: int,
+                  exact: bool) -> _Dispatch:
+        """How many slots go to and come from every rank, and how many each local expert gets.
+
+        With exact routing and no shuffle these follow from every rank's row count alone; with the
+        shuffle they rode on its experts-back messages; otherwise counts are exchanged first. The host
+        ints are the dispatch's one host synchronisation (none for exact routing without a shuffle)."""
+        dev, k = slots.device, self.top_k
+        if routing.incoming is None and exact:
+            send, recv, host_counts = exact_dispatch_counts([rows * k] if sizes is None else [m * k for m in sizes],
+                                                            self.num_experts, self.rank)
+            counts = [sum(host_counts[i::self.num_local]) for i in range(self.num_local)]
+            return _Dispatch(send, recv, counts, device_longs(host_counts, dev))
+        per_expert = torch.bincount(slots, minlength=self.num_experts)
+        recv_counts = (routing.incoming if routing.incoming is not None
+                       else exchange_counts(per_expert, self.group, self.comm))
+        host = torch.cat([per_expert.view(self.world, -1).sum(1), recv_counts.view(self.world, -1).sum(1),
+                          recv_counts.view(self.world, self.num_local).sum(0)]).tolist()
+        w = self.world
+        return _Dispatch(host[:w], host[w:2 * w], host[2 * w:], recv_counts)
+
+    def _by_local_expert(self, dispatch: _Dispatch, received: int, device: torch.device) -> Optional[Permutation]:
+        """Received rows come ordered (source rank, local expert); the permutation that orders them by
+        local expert (None when they already are: one rank, or one expert per rank)."""
+        if self.world == 1 or self.num_local == 1:
+            return None
+        local_id = torch.arange(self.num_local, device=device).repeat(self.world)
+        return Permutation.sorting(torch.repeat_interleave(local_id, dispatch.recv_counts, output_size=received))
+
+    def combine(self, mixed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """A token's output from its k mixes ``mixed`` [n, k, d] (``α_j·f_j(x) + (1 − α_j)·x``, one per
+        chosen expert) and its input x [n, d]: ``"mean"`` → their mean ``x + (1/k)·Σ_j α_j (f_j(x) − x)``;
+        ``"sum"`` → ``x + Σ_j α_j (f_j(x) − x)``. k = 1 is the paper's form under either."""
+        if self.top_k == 1:
+            return mixed[:, 0]
+        if self.top_k_combine == "mean":
+            return mixed.mean(1)
+        return mixed.sum(1) - (self.top_k - 1) * x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
         h = x.reshape(-1, self.d_model)
+        n, k = h.shape[0], self.top_k
         shuffling = self.shuffle and self.training and self.group is not None
         choice = self.assignment if self.training else self.inference
         exact = isinstance(choice, str) and choice == "exact"
         centroids = self.local_centroids()
-        everyone, sizes = self._gather_centroids(centroids, shuffling, exact, h.shape[0])
+        everyone, sizes = self._gather_centroids(centroids, shuffling, exact, n)
 
-        with torch.no_grad():
+        with torch.no_grad():  # the routing takes no gradient: the centroids learn through the gate
             scores = h.detach() @ everyone.to(h.dtype).t()
             routing = route_shuffled(scores, choice, self.group if shuffling else None, sizes, incoming=shuffling,
-                                     comm=self.comm)
-        by_expert = Permutation.sorting(routing.experts)
-        per_expert = torch.bincount(routing.experts, minlength=self.num_experts)
-        # What every rank sends to this rank's experts: known without a count exchange when the
-        # shuffle's experts-back messages carried it, or when exact routing fixed it by the row counts.
-        if routing.incoming is None and exact:
-            send_splits, recv_splits, host_counts = exact_dispatch_counts(
-                [h.shape[0]] if sizes is None else sizes, self.num_experts, self.rank)
-            recv_counts = device_longs(host_counts, dev)
-            counts = [sum(host_counts[i::self.num_local]) for i in range(self.num_local)]
-        else:
-            recv_counts = (routing.incoming if routing.incoming is not None
-                           else exchange_counts(per_expert, self.group, self.comm))
-            # the one host synchronisation of the dispatch: split sizes per rank, tokens per local expert
-            host = torch.cat([per_expert.view(self.world, -1).sum(1), recv_counts.view(self.world, -1).sum(1),
-                              recv_counts.view(self.world, self.num_local).sum(0)]).tolist()
-            send_splits, recv_splits = host[:self.world], host[self.world:2 * self.world]
-            counts = host[2 * self.world:]
-        routed = all_to_all(by_expert.apply(h), send_splits, recv_splits, self.group, self.comm)
-
-        # Received rows are ordered (source rank, local expert); the experts want them by local expert.
-        by_local = None
-        if self.world > 1 and self.num_local > 1:
-            local_id = torch.arange(self.num_local, device=dev).repeat(self.world)
-            by_local = Permutation.sorting(
-                torch.repeat_interleave(local_id, recv_counts, output_size=routed.shape[0]))
+                                     comm=self.comm, k=k, prices=self._warm_prices(n, scores) if exact else None)
+        if routing.prices is not None:
+            self._prices = ((n, k, scores.device), routing.prices)
+        slots = routing.experts.reshape(-1)  # token t's k experts are slots t·k … t·k + k − 1
+        by_expert = Permutation.sorting(slots)
+        dispatch = self._dispatch(routing, slots, sizes, n, exact)
+        routed = all_to_all(by_expert.apply(h, repeat=k), dispatch.send, dispatch.recv, self.group, self.comm)
+        by_local = self._by_local_expert(dispatch, routed.shape[0], x.device)
+        if by_local is not None:
             routed = by_local.apply(routed)
-        out, gates = self.mix_experts(routed, counts, centroids)
+        out, gates = self.mix_experts(routed, dispatch.counts, centroids)
         if by_local is not None:
             out = by_local.undo(out)
-        out = by_expert.undo(all_to_all(out, recv_splits, send_splits, self.group, self.comm))
+        out = by_expert.undo(all_to_all(out, dispatch.recv, dispatch.send, self.group, self.comm))
+        out = self.combine(out.view(n, k, self.d_model), h)
 
-        sent = per_expert.view(self.world, self.num_local).sum(1)
-        self.last_stats = RoutingStats(
-            tokens_per_expert=torch.bincount(routing.solved, minlength=self.num_experts).detach(),
-            tokens_received=device_longs(counts, dev), objective=routing.objective.detach(),
+        self.last_stats = self._stats(routing, dispatch, gates, slots)
+        return out.reshape(x.shape)
+
+    def _stats(self, routing: Routing, dispatch: _Dispatch, gates: torch.Tensor, slots: torch.Tensor) -> RoutingStats:
+        dev = slots.device
+        sent = torch.bincount(slots, minlength=self.num_experts).view(self.world, self.num_local).sum(1)
+        return RoutingStats(
+            tokens_per_expert=torch.bincount(routing.solved.reshape(-1), minlength=self.num_experts).detach(),
+            tokens_received=device_longs(dispatch.counts, dev), objective=routing.objective.detach(),
             gap=routing.gap.detach(),
-            mean_gate=gates.detach().sum() / max(sum(counts), 1),
+            mean_gate=gates.detach().sum() / max(sum(dispatch.counts), 1),
             tokens_moved=sent.sum() - sent[self.rank])
-        return out.reshape(shape)

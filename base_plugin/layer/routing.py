@@ -11,6 +11,11 @@
 * :func:`exact_dispatch_counts` — without a shuffle, exact routing fixes how many rows every rank sends
   to every expert from the row counts alone, so a dispatch needs no count exchange.
 
+Top-k (``k > 1``): every row takes k distinct experts (exact: :func:`~base_plugin.assignment.
+balanced_topk_assignment`, every expert exactly its share of the ``n·k`` slots; greedy: the k best), and
+the experts of a row are a LongTensor ``[n, k]`` instead of ``[n]``. A row's k choices always travel
+together, so everything counted in rows above is counted in slots (rows × k) by the dispatch.
+
 Used by :class:`~base_plugin.layer.BaseLayer` and by the Megatron router.
 """
 from __future__ import annotations
@@ -35,35 +40,50 @@ def check_router(name: str, choice: Router, owner: str) -> None:
 
 @dataclass
 class Routing:
-    """experts: LongTensor[n], the expert of each row of the scores this rank passed in.
-    solved: LongTensor[m], the experts this rank chose for the rows it routed itself (the shuffled rows
-    it received, or its own rows without a shuffle; exactly balanced for exact routing).
+    """experts: LongTensor[n] (k = 1) or [n, k], the expert(s) of each row of the scores this rank passed in.
+    solved: LongTensor[m] or [m, k], the experts this rank chose for the rows it routed itself (the
+    shuffled rows it received, or its own rows without a shuffle; exactly balanced for exact routing).
     objective: 0-d, sum of the chosen scores of the ``solved`` rows (score dtype).
     gap: 0-d, the solver's certificate dual bound − objective (≈ 0 when exact), 0 for greedy, NaN for
     a callable.
     incoming: LongTensor[W * E/W] or None — only from ``route_shuffled(..., incoming=True)``: block s
     holds the rows group rank s will send to each of this rank's E/W experts (experts are blocked
     over the group: expert e lives on group rank e // (E/W)), i.e. what a count exchange before the
-    dispatch would return."""
+    dispatch would return (counted in slots when k > 1).
+    prices: Tensor[E] or None — exact routing's dual prices for the rows this rank solved, the warm
+    start of its next solve (``route(..., prices=...)``); None for other routers."""
 
     experts: torch.Tensor
     solved: torch.Tensor
     objective: torch.Tensor
     gap: torch.Tensor
     incoming: Optional[torch.Tensor] = None
+    prices: Optional[torch.Tensor] = None
 
 
-def route(scores: torch.Tensor, choice: Router) -> Routing:
-    """Route the rows of ``scores`` [n, E] (no grad needed) on this rank alone.
+def route(scores: torch.Tensor, choice: Router, k: int = 1, prices: Optional[torch.Tensor] = None) -> Routing:
+    """Route the rows of ``scores`` [n, E] (no grad needed) on this rank alone, k experts per row.
 
-    ``choice``: ``"exact"`` (balanced: every expert gets ``n // E`` or ``n // E + 1`` rows),
-    ``"greedy"`` (argmax) or a callable ``scores -> LongTensor[n]``.
+    ``choice``: ``"exact"`` (balanced: every expert gets ``n·k // E`` or one more of the ``n·k`` slots,
+    k distinct experts per row), ``"greedy"`` (the k best) or a callable ``scores -> LongTensor[n]``
+    (k = 1) / ``LongTensor[n, k]``. ``prices``: a warm start for exact routing (e.g. the previous call's
+    :attr:`Routing.prices`; any start gives the same optimum). Raises ValueError for a callable's answer
+    of another shape.
     """
     if choice == "exact":
-        result = solve_balanced_assignment(scores)
-        return Routing(result.experts, result.experts, result.objective.to(scores.dtype), result.gap.to(scores.dtype))
-    experts = greedy_assignment(scores) if choice == "greedy" else choice(scores).to(torch.long)
-    objective = scores.gather(1, experts[:, None]).sum() if scores.shape[0] else scores.new_zeros(())
+        result = solve_balanced_assignment(scores, k=k, prices=prices)
+        return Routing(result.experts, result.experts, result.objective.to(scores.dtype), result.gap.to(scores.dtype),
+                       prices=result.prices)
+    if choice == "greedy":
+        experts = greedy_assignment(scores, k=k)
+    else:
+        experts = choice(scores).to(torch.long)
+        want = (scores.shape[0],) if k == 1 else (scores.shape[0], k)
+        if tuple(experts.shape) != want:
+            raise ValueError(f"a routing callable must return a LongTensor of shape {list(want)} for {scores.shape[0]} "
+                             f"rows and k={k}, got {list(experts.shape)}")
+    slots = experts.reshape(scores.shape[0], k)
+    objective = scores.gather(1, slots).sum() if scores.shape[0] else scores.new_zeros(())
     gap = scores.new_zeros(()) + (0.0 if choice == "greedy" else float("nan"))
     return Routing(experts, experts, objective, gap)
 
@@ -111,8 +131,10 @@ def exact_dispatch_counts(sizes: Sequence[int], num_experts: int, rank: int
 
 
 def route_shuffled(scores: torch.Tensor, choice: Router, group: Optional[dist.ProcessGroup],
-                   sizes: Optional[Sequence[int]] = None, incoming: bool = False, comm=dist) -> Routing:
-    """:func:`route` after dealing the rows of ``scores`` [n, E] out at random over ``group``.
+                   sizes: Optional[Sequence[int]] = None, incoming: bool = False, comm=dist, k: int = 1,
+                   prices: Optional[torch.Tensor] = None) -> Routing:
+    """:func:`route` (``k`` experts per row, ``prices`` a warm start) after dealing the rows of
+    ``scores`` [n, E] out at random over ``group``.
 
     Collective over ``group``: every member must call it, with any n (0 included). Three
     ``all_to_all_single`` (counts, score rows, experts back), or two when ``sizes`` — the number of
@@ -124,7 +146,7 @@ def route_shuffled(scores: torch.Tensor, choice: Router, group: Optional[dist.Pr
     (``incoming`` None). ``comm``: whose ``all_to_all_single`` is called (torch.distributed's signature).
     """
     if group is None or dist.get_world_size(group) == 1:
-        return route(scores, choice)
+        return route(scores, choice, k, prices)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     n, num_experts = scores.shape
     if incoming and num_experts % world:
@@ -141,25 +163,31 @@ def route_shuffled(scores: torch.Tensor, choice: Router, group: Optional[dist.Pr
             raise ValueError(f"sizes={list(sizes)} does not fit a group of {world} ranks with {n} rows on rank {rank}")
         recv_splits = [m // world + (rank < m % world) for m in sizes]  # rank's share of each deal
     received = _all_to_all(scores[perm], send_splits, recv_splits, group, comm)
-    mine = route(received, choice)
+    mine = route(received, choice, k, prices)
+    solved = mine.solved.reshape(-1, k)  # [m, k]: a row's experts travel together
     if incoming:
         # message to rank t: tally[s, i] = rows from origin s this rank gave t's local expert i, then
         # the experts of t's own rows; t sums the tallies of all ranks
         local = num_experts // world
         dev = scores.device
         origin = torch.repeat_interleave(torch.arange(world, device=dev), device_longs(recv_splits, dev),
-                                         output_size=mine.solved.shape[0])
-        tally = torch.bincount(origin * num_experts + mine.solved, minlength=world * num_experts)
+                                         output_size=solved.shape[0])
+        tally = torch.bincount((origin[:, None] * num_experts + solved).reshape(-1), minlength=world * num_experts)
         tally = tally.view(world, world, local).transpose(0, 1).reshape(world, world * local)
-        pieces = [p for t, chunk in enumerate(mine.solved.split(recv_splits)) for p in (tally[t], chunk)]
+        pieces = [p for t, chunk in enumerate(solved.split(recv_splits)) for p in (tally[t], chunk.reshape(-1))]
         head = world * local
-        back = _all_to_all(torch.cat(pieces), [head + m for m in recv_splits], [head + m for m in send_splits],
-                           group, comm)
-        chunks = back.split([head + m for m in send_splits])
+        back = _all_to_all(torch.cat(pieces), [head + m * k for m in recv_splits],
+                           [head + m * k for m in send_splits], group, comm)
+        chunks = back.split([head + m * k for m in send_splits])
         counts = torch.stack([c[:head] for c in chunks]).sum(0)
         back = torch.cat([c[head:] for c in chunks])
     else:
-        back, counts = _all_to_all(mine.solved, recv_splits, send_splits, group, comm), None
+        back = _all_to_all(solved.reshape(-1), [m * k for m in recv_splits], [m * k for m in send_splits],
+                           group, comm)
+        counts = None
+    back = back.view(n, k)
     experts = torch.empty_like(back)
     experts[perm] = back
-    return Routing(experts, mine.solved, mine.objective, mine.gap, counts)
+    if k == 1:
+        experts = experts.view(n)
+    return Routing(experts, mine.solved, mine.objective, mine.gap, counts, mine.prices)
