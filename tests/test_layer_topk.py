@@ -127,18 +127,6 @@ def test_greedy_topk_inference_and_callables():
         layer(x)
 
 
-def test_topk_keeps_prices_across_calls(f64):
-    experts, c = make_experts(4, 6, 8, seed=6)
-    layer = build(experts, c, top_k=2)
-    x = torch.randn(40, 6)
-    first = layer(x)
-    assert layer._prices is not None and layer._prices[0][:2] == (40, 2)
-    again = layer(x + 1e-9 * torch.randn(40, 6))  # warm start: the same optimum
-    torch.testing.assert_close(again, first, rtol=1e-6, atol=1e-6)
-    layer(torch.randn(7, 6))  # another number of rows: cold start, then kept for that shape
-    assert layer._prices[0][:2] == (7, 2)
-
-
 @pytest.mark.parametrize("bad", [0, 6, 2.0, True, "2"])
 def test_bad_top_k(bad):
     with pytest.raises(ValueError, match="top_k must be an int from 1 to num_experts=5"):

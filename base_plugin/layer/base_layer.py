@@ -58,10 +58,6 @@ class BaseLayer(nn.Module):
        (``top_k_combine``: ``"mean"`` of the k mixes, or their ``"sum"`` of gated updates on x);
     6. results go back and the original order and shape are restored.
 
-    With exact routing the layer keeps the solver's dual prices from one training call to the next
-    and starts the next solve from them (same answer, fewer solver steps); a different number of rows,
-    k or device starts cold.
-
     "Training" is ``self.training`` (``model.train()`` / ``model.eval()``), not ``torch.is_grad_enabled()``
     as in the reference code: the routing of a module then does not change when it is recomputed with
     grad enabled under activation checkpointing (whose first pass runs under ``no_grad``), evaluation
@@ -155,7 +151,6 @@ class BaseLayer(nn.Module):
         if top_k_combine not in COMBINES:
             raise ValueError(f"BaseLayer: top_k_combine must be one of {COMBINES}, got {top_k_combine!r}")
         self.top_k, self.top_k_combine = top_k, top_k_combine
-        self._prices = None  # ((rows, top_k, device), Tensor[E]): the last exact solve's prices, a warm start
 
         # Every rank draws the full [E, d] matrix and keeps its rows, so with a common seed the
         # global centroids do not depend on the expert-parallel size.
@@ -282,14 +277,6 @@ class BaseLayer(nn.Module):
         if x.dim() < 1 or x.shape[-1] != self.d_model:
             raise ValueError(f"expected input of shape [..., {self.d_model}], got {tuple(x.shape)}")
 
-    def _warm_prices(self, rows: int, scores: torch.Tensor) -> Optional[torch.Tensor]:
-        """The prices of this layer's previous exact solve, if it solved the same problem shape (rows,
-        top_k) on the same device; else None (a cold start)."""
-        kept = self._prices
-        if kept is None or kept[0] != (rows, self.top_k, scores.device):
-            return None
-        return kept[1]
-
     def _dispatch(self, routing: Routing, slots: torch.Tensor, sizes: Optional[List[int]], rows: int,
                   exact: bool) -> _Dispatch:
         """How many slots go to and come from every rank, and how many each local expert gets.
@@ -342,9 +329,7 @@ class BaseLayer(nn.Module):
         with torch.no_grad():  # the routing takes no gradient: the centroids learn through the gate
             scores = h.detach() @ everyone.to(h.dtype).t()
             routing = route_shuffled(scores, choice, self.group if shuffling else None, sizes, incoming=shuffling,
-                                     comm=self.comm, k=k, prices=self._warm_prices(n, scores) if exact else None)
-        if routing.prices is not None:
-            self._prices = ((n, k, scores.device), routing.prices)
+                                     comm=self.comm, k=k)
         slots = routing.experts.reshape(-1)  # token t's k experts are slots t·k … t·k + k − 1
         by_expert = Permutation.sorting(slots)
         dispatch = self._dispatch(routing, slots, sizes, n, exact)
