@@ -13,6 +13,7 @@ import torch
 from base_plugin.assignment import balanced_topk_assignment, default_capacity
 from base_plugin.layer import BaseExpert, BaseLayer
 from multirank import run_ranks
+from test_layer_multirank import _check_equal
 from test_layer_single import build, expert_grads, make_experts, reference, reference_grads
 
 TIMEOUT = 150
@@ -216,17 +217,6 @@ def _reference(world, r, assign):
                     counts=counts, x=x, experts=experts, c=c, k=k)
     finally:
         torch.set_default_dtype(old)
-
-
-def _check_equal(world, res, ref):
-    cat = lambda key: torch.cat([res[i][key] for i in range(world)])  # noqa: E731
-    torch.testing.assert_close(cat("y"), ref["y"], rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(cat("xgrad"), ref["xgrad"], rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(cat("cgrad"), ref["cgrad"], rtol=1e-10, atol=1e-12)
-    for i in range(world):
-        for e, grads in res[i]["egrads"].items():
-            for name, g in grads.items():
-                torch.testing.assert_close(g, ref["egrads"][e][name], rtol=1e-10, atol=1e-12)
 
 
 def _per_rank_balanced(x, c, counts, k):
